@@ -1,0 +1,305 @@
+"""Typed configuration: dataclasses loaded from YAML, validated at load, overridable by dotted keys.
+
+A YAML file may name parent files under ``base:`` (a path or a list of paths, relative to
+the file); parents are merged first, in order, then the file itself, then CLI overrides.
+Unknown keys and wrong types are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid."""
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are read and augmented."""
+
+    root: str = MISSING
+    # Reader of the on-disk layout: "voc", "cityscapes" or "folder" (see protoseg.data.LAYOUTS).
+    layout: str = "voc"
+    # Sub-folders of ``root``; empty means the layout's default.
+    image_dir: str = ""
+    mask_dir: str = ""
+    # Split files in the U2PL format; relative paths are taken from ``root``.
+    labeled_split: str = "splits/labeled.txt"
+    unlabeled_split: str = ""
+    val_split: str = "splits/val.txt"
+    num_classes: int = 21
+    class_names: list[str] = field(default_factory=list)
+    ignore_index: int = 255
+    # Map Cityscapes *_labelIds.png to train ids when no *_labelTrainIds.png exists.
+    map_label_ids: bool = True
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    crop_size: int = 513
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    hflip: bool = True
+    # The training "epoch" runs over this set; the other list is repeated to match.
+    epoch_over: str = "unlabeled"
+    # Validate every file of every split before training starts (slow on huge sets).
+    check_files: bool = True
+    workers: int = 4
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    prefetch_factor: int = 2
+
+
+@dataclass
+class ModelConfig:
+    """The segmentation network."""
+
+    name: str = "deeplabv3plus"
+    backbone: str = "resnet101s"
+    # "" = random init; "imagenet" = the timm hub weights of ``backbone``; a timm tag such as
+    # "resnet101s.gluon_in1k"; or a local file path (.pth/.bin/.safetensors).
+    pretrained: str = ""
+    output_stride: int = 8
+    # Dilations of layer4 multiplied by (1, 2, 4) as in the release (4/8/16 at stride 8).
+    multi_grid: bool = True
+    aspp_channels: int = 256
+    aspp_dilations: list[int] = field(default_factory=lambda: [12, 24, 36])
+    low_level_channels: int = 256
+    head_channels: int = 256
+    dropout: float = 0.1
+    aux_head: bool = False
+    # Convert BatchNorm to SyncBatchNorm when training distributed on CUDA.
+    sync_bn: bool = True
+
+
+@dataclass
+class MethodConfig:
+    """The training method and its hyper-parameters (see protoseg.methods.METHODS)."""
+
+    name: str = "supervised"
+    # Supervised warm-up before any unlabelled loss, in epochs (the release: 1).
+    warmup_epochs: float = 1.0
+    ema_decay: float = 0.99
+    # "forward": teacher BN statistics from a train-mode no-grad forward (the release);
+    # "copy": copy the student's BN buffers at every EMA step (cheaper).
+    teacher_bn: str = "forward"
+    confidence_threshold: float = 0.8
+    unsup_weight: float = 1.0
+    # Strong augmentation of the student's unlabelled view: cutmix | cutout | classmix.
+    strong_aug: str = "cutmix"
+    mix_prob: float = 0.5
+    # Mean Teacher consistency: Gaussian noise std added to the student's view.
+    mt_noise_std: float = 0.1
+    # PCR: prototype bank and branch.
+    prototypes_per_class: int = 4
+    prototype_momentum: float = 0.99
+    temperature: float = 0.1
+    proto_loss_weight: float = 1.0
+    # One random pixel per cell of a grid x grid layout over the input; 0 = every pixel.
+    sample_grid: int = 32
+    # Table 4 ablations: (1) linear_head only, (2) proto_head only, (3) update_prototypes off.
+    linear_head: bool = True
+    proto_head: bool = True
+    update_prototypes: bool = True
+    # "batch_mean": one EMA step per prototype per batch (the release);
+    # "per_pixel": Eq. 11 applied pixel by pixel (the paper's reading).
+    update_rule: str = "batch_mean"
+    init_pixels_per_class: int = 4000
+    # Load the initial bank from this file instead of running k-means.
+    init_bank: str = ""
+
+
+@dataclass
+class OptimConfig:
+    """SGD with a poly schedule; lr is stated for the total batch."""
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    decoder_lr_mult: float = 10.0
+    poly_power: float = 0.9
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    epochs: float = 80.0
+    # Overrides ``epochs`` when > 0.
+    iterations: int = 0
+    # Total batch over all processes, for labelled and unlabelled data each.
+    batch_size: int = 16
+    # Largest batch one device runs at once; 0 = batch_size / world size (no accumulation).
+    max_device_batch: int = 0
+    loss: str = "ohem"
+    ohem_threshold: float = 0.7
+    ohem_min_kept: int = 100000
+    aux_weight: float = 0.4
+    seed: int = 2
+    deterministic: bool = False
+    device: str = "auto"
+    precision: str = "fp32"
+    compile: bool = False
+    channels_last: bool = True
+    out_dir: str = "runs/default"
+    checkpoint_every: int = 1000
+    keep_last: int = 2
+    eval_every: int = 0
+    log_every: int = 20
+    # "auto": resume from the newest checkpoint in out_dir if there is one.
+    resume: str = "auto"
+    # What a non-finite loss does: "stop" (keep the last good checkpoint) or "skip" the step.
+    on_nonfinite: str = "stop"
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """The evaluation protocol."""
+
+    mode: str = "whole"
+    window: int = 769
+    stride: int = 513
+    windows_per_batch: int = 4
+    # Also report the prototype head's mIoU (methods with a prototype bank).
+    prototype_head: bool = False
+    flip: bool = False
+    scales: list[float] = field(default_factory=lambda: [1.0])
+
+
+@dataclass
+class Config:
+    """A whole experiment."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.epoch_over": ("unlabeled", "labeled"),
+    "method.teacher_bn": ("forward", "copy"),
+    "method.strong_aug": ("cutmix", "cutout", "classmix"),
+    "method.update_rule": ("batch_mean", "per_pixel"),
+    "train.loss": ("ce", "ohem"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.on_nonfinite": ("stop", "skip"),
+    "eval.mode": ("whole", "sliding"),
+}
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML file and merge its ``base:`` parents beneath it."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: circular 'base:' reference")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        text = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(text, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    bases = text.pop("base", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict[str, Any] = {}
+    for base in bases:
+        parent = _read_yaml(path.parent / base, seen + (path,))
+        merged = OmegaConf.to_container(OmegaConf.merge(merged, parent))  # type: ignore[assignment]
+    return OmegaConf.to_container(OmegaConf.merge(merged, text))  # type: ignore[return-value]
+
+
+def _merge(schema: Any, *layers: Any, source: str) -> Any:
+    try:
+        return OmegaConf.merge(schema, *layers)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or ""
+        raise ConfigError(f"{source}: invalid key or value {key!r}: {exc.msg.splitlines()[0]}") from None
+
+
+def _parse_overrides(overrides: list[str]) -> Any:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def validate(cfg: Config) -> Config:
+    """Check the values that types alone cannot; raise ConfigError naming the key."""
+    flat = {f"{s.name}.{f.name}": getattr(getattr(cfg, s.name), f.name)
+            for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))}
+    for key, allowed in _CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"{key}={flat[key]!r}: choose one of {', '.join(allowed)}")
+    positive = ["data.num_classes", "data.crop_size", "train.batch_size", "optim.lr",
+                "method.prototypes_per_class", "method.temperature", "eval.window", "eval.stride"]
+    for key in positive:
+        if flat[key] <= 0:
+            raise ConfigError(f"{key}={flat[key]} must be > 0")
+    if not 0.0 <= cfg.method.confidence_threshold <= 1.0:
+        raise ConfigError("method.confidence_threshold must lie in [0, 1]")
+    if not 0.0 <= cfg.method.prototype_momentum < 1.0:
+        raise ConfigError("method.prototype_momentum must lie in [0, 1)")
+    if cfg.model.output_stride not in (8, 16, 32):
+        raise ConfigError("model.output_stride must be 8, 16 or 32")
+    lo, hi = (cfg.data.scale_range + [0, 0])[:2]
+    if len(cfg.data.scale_range) != 2 or not 0 < lo <= hi:
+        raise ConfigError("data.scale_range must be [min, max] with 0 < min <= max")
+    if cfg.data.class_names and len(cfg.data.class_names) != cfg.data.num_classes:
+        raise ConfigError(f"data.class_names has {len(cfg.data.class_names)} names but "
+                          f"data.num_classes is {cfg.data.num_classes}")
+    if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
+        raise ConfigError("data.mean and data.std need three values (RGB)")
+    if not cfg.method.linear_head and not cfg.method.proto_head:
+        raise ConfigError("method.linear_head and method.proto_head cannot both be false")
+    if cfg.train.max_device_batch < 0 or cfg.train.keep_last < 1:
+        raise ConfigError("train.max_device_batch must be >= 0 and train.keep_last >= 1")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (with its ``base:`` parents) and dotted overrides into a Config."""
+    schema = OmegaConf.structured(Config)
+    layers = []
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        layers.append(_read_yaml(Path(path)))
+    merged = _merge(schema, *layers, source=source)
+    if overrides:
+        merged = _merge(merged, _parse_overrides(overrides), source="command-line override")
+    try:
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", "") or ""
+        raise ConfigError(f"{source}: missing value for {key!r}: set it in the YAML or as {key}=...") from None
+    return validate(cfg)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain Python containers (for checkpoints and YAML)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``to_dict`` output (as stored in a checkpoint)."""
+    merged = _merge(OmegaConf.structured(Config), data, source="checkpoint config")
+    return validate(OmegaConf.to_object(merged))  # type: ignore[arg-type]
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
