@@ -270,14 +270,37 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def shipped_config_dir() -> Path:
+    """The folder of the YAML recipes that ship with protoseg (``configs/`` of the source tree)."""
+    from importlib.resources import files
+
+    return Path(str(files("protoseg.configs")))
+
+
+def find_config(name: str | Path) -> Path:
+    """A config given as a path, or as a name relative to the shipped configs folder."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = shipped_config_dir() / name
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(f"config {name} not found: not a file, nor one of the shipped configs "
+                      f"in {shipped_config_dir()} (e.g. voc/classic/92/pcr.yaml)")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (with its ``base:`` parents) and dotted overrides into a Config."""
+    """Load a YAML config (with its ``base:`` parents) and dotted overrides into a Config.
+
+    ``path`` may also name a shipped recipe, e.g. ``voc/classic/92/pcr.yaml``.
+    """
     schema = OmegaConf.structured(Config)
     layers = []
     source = "defaults"
     if path is not None:
+        path = find_config(path)
         source = str(path)
-        layers.append(_read_yaml(Path(path)))
+        layers.append(_read_yaml(path))
     merged = _merge(schema, *layers, source=source)
     if overrides:
         merged = _merge(merged, _parse_overrides(overrides), source="command-line override")

@@ -1,0 +1,25 @@
+# The two commands of the README's quick start, and the helpers around them.
+PYTHON ?= python3
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install demo test test-all lint format
+
+install:
+	$(PYTHON) -m pip install -q -e '.[dev]'
+
+demo: install
+	$(PYTHON) -m protoseg.cli demo
+
+test: install
+	$(PYTHON) -m pytest -q -m "not slow"
+
+test-all: install
+	$(PYTHON) -m pytest -q
+
+lint:
+	ruff check protoseg tests benchmarks
+	ruff format --check protoseg tests benchmarks
+
+format:
+	ruff format protoseg tests benchmarks
+	ruff check --fix protoseg tests benchmarks

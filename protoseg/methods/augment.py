@@ -1,0 +1,78 @@
+"""Strong augmentations of the unlabelled student view that move image and targets together.
+
+Each takes images (B, 3, H, W), pseudo-labels (B, H, W), confidences (B, H, W) and a validity
+mask (B, H, W) and returns the four transformed alike. The partner of image i is image
+(i + 1) mod B, as in the release. Randomness comes from torch's global generator, which
+checkpoints save and restore.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+MixOutput = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def half_area_boxes(batch: int, height: int, width: int, device: torch.device) -> Tensor:
+    """One box per image of area H*W/2, width uniform in (W/2, W]: boolean (B, H, W)."""
+    masks = torch.zeros(batch, height, width, dtype=torch.bool, device=device)
+    for i in range(batch):
+        box_w = int(torch.randint(width // 2 + 1, width + 1, ()).item())
+        box_h = min(height, max(1, round(height * width / 2 / box_w)))
+        x0 = int(torch.randint(0, width - box_w + 1, ()).item())
+        y0 = int(torch.randint(0, height - box_h + 1, ()).item())
+        masks[i, y0:y0 + box_h, x0:x0 + box_w] = True
+    return masks
+
+
+def paste_from_partner(mask: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """Where ``mask`` (B, H, W) is set, take the values of image (i + 1) mod B."""
+    out = []
+    for t in tensors:
+        partner = torch.roll(t, shifts=-1, dims=0)
+        m = mask[:, None] if t.dim() == 4 else mask
+        out.append(torch.where(m, partner, t))
+    return tuple(out)
+
+
+def cutmix(images: Tensor, labels: Tensor, conf: Tensor, valid: Tensor) -> MixOutput:
+    """Paste a half-area box of the partner image (and its targets) into each image."""
+    b, _, h, w = images.shape
+    boxes = half_area_boxes(b, h, w, images.device)
+    return paste_from_partner(boxes, images, labels, conf, valid)  # type: ignore[return-value]
+
+
+def cutout(images: Tensor, labels: Tensor, conf: Tensor, valid: Tensor) -> MixOutput:
+    """Erase a half-area box (to the normalised mean, 0) and drop its targets from the loss."""
+    b, _, h, w = images.shape
+    boxes = half_area_boxes(b, h, w, images.device)
+    images = images.masked_fill(boxes[:, None], 0.0)
+    return images, labels, conf.masked_fill(boxes, 0.0), valid
+
+
+def classmix(images: Tensor, labels: Tensor, conf: Tensor, valid: Tensor) -> MixOutput:
+    """Paste half of the partner's pseudo-classes (with their pixels) onto each image."""
+    partner_labels = torch.roll(labels, shifts=-1, dims=0)
+    masks = torch.zeros_like(labels, dtype=torch.bool)
+    for i in range(labels.shape[0]):
+        classes = torch.unique(partner_labels[i])
+        chosen = classes[torch.randperm(classes.numel(), device=classes.device)]
+        chosen = chosen[: (classes.numel() + 1) // 2]
+        masks[i] = torch.isin(partner_labels[i], chosen)
+    return paste_from_partner(masks, images, labels, conf, valid)  # type: ignore[return-value]
+
+
+STRONG_AUGMENTATIONS = {"cutmix": cutmix, "cutout": cutout, "classmix": classmix}
+
+
+def strong_augment(name: str, prob: float, images: Tensor, labels: Tensor, conf: Tensor,
+                   valid: Tensor) -> MixOutput:
+    """Apply the named augmentation to the whole batch with probability ``prob``."""
+    if name not in STRONG_AUGMENTATIONS:
+        raise ValueError(f"unknown strong augmentation {name!r}: {sorted(STRONG_AUGMENTATIONS)}")
+    if images.shape[0] < 2 and name != "cutout":
+        return images, labels, conf, valid
+    if float(torch.rand(())) >= prob:
+        return images, labels, conf, valid
+    return STRONG_AUGMENTATIONS[name](images, labels, conf, valid)

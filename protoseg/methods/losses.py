@@ -1,0 +1,61 @@
+"""Pixel-wise losses: cross-entropy with ignore, OHEM, and confidence-masked CE."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def ohem_cross_entropy(
+    logits: Tensor, target: Tensor, ignore_index: int = 255, threshold: float = 0.7,
+    min_kept: int = 100000,
+) -> Tensor:
+    """CE over the hard pixels: target probability <= max(threshold, the min_kept-th lowest)."""
+    loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none").flatten()
+    valid = target.flatten() != ignore_index
+    if not bool(valid.any()):
+        return logits.sum() * 0.0
+    with torch.no_grad():
+        # exp(-CE) is the softmax probability of the target class.
+        prob = torch.exp(-loss.detach())
+        cut = torch.tensor(threshold, device=prob.device, dtype=prob.dtype)
+        if min_kept > 0:
+            valid_prob = prob[valid]
+            k = min(int(valid_prob.numel()), min_kept)
+            cut = torch.maximum(cut, valid_prob.kthvalue(k).values)
+        keep = valid & (prob <= cut)
+    return loss[keep].mean()
+
+
+class SegmentationLoss:
+    """The supervised criterion of a config: plain CE or OHEM, both ignoring ``ignore_index``."""
+
+    def __init__(self, kind: str = "ce", ignore_index: int = 255, ohem_threshold: float = 0.7,
+                 ohem_min_kept: int = 100000) -> None:
+        if kind not in ("ce", "ohem"):
+            raise ValueError(f"unknown loss {kind!r}: use ce or ohem")
+        self.kind, self.ignore_index = kind, ignore_index
+        self.ohem_threshold, self.ohem_min_kept = ohem_threshold, ohem_min_kept
+
+    def __call__(self, logits: Tensor, target: Tensor) -> Tensor:
+        """The loss of (B, C, H, W) logits against (B, H, W) targets."""
+        logits = logits.float()
+        if self.kind == "ohem":
+            return ohem_cross_entropy(logits, target, self.ignore_index, self.ohem_threshold,
+                                      self.ohem_min_kept)
+        if not bool((target != self.ignore_index).any()):
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits, target, ignore_index=self.ignore_index)
+
+
+def masked_cross_entropy(logits: Tensor, target: Tensor, keep: Tensor, valid: Tensor) -> Tensor:
+    """CE summed over ``keep`` pixels, divided by the number of ``valid`` pixels.
+
+    ``keep`` marks confident pseudo-labels; ``valid`` marks real (non-padding) pixels, so a
+    batch with few confident pixels gives a small loss rather than a noisy average.
+    """
+    target = target.clone()
+    target[~keep] = 0
+    loss = F.cross_entropy(logits.float(), target.long(), reduction="none")
+    return (loss * keep).sum() / valid.sum().clamp(min=1)

@@ -1,0 +1,118 @@
+"""DeepLabv3+ as in the PCR/U2PL release: ASPP, a 256-channel low-level branch, and a
+512-channel stride-4 feature map shared by the linear classifier and the prototypes.
+
+With 21 classes, no auxiliary head and the ``resnet101s`` encoder at output stride 8 the
+network has 62,623,189 parameters, the release's count.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from protoseg.config import ModelConfig
+from protoseg.models.backbone import Backbone, ModelError
+
+# Output stride the configured ASPP dilations are stated for (the release's 12/24/36).
+ASPP_REFERENCE_STRIDE = 8
+AUX_DROPOUT = 0.1
+
+
+def _resize(x: Tensor, size: torch.Size | tuple[int, int]) -> Tensor:
+    """Bilinearly resize ``x`` to ``size`` with align_corners=True, as the release does."""
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+def _conv_bn_relu(
+    in_ch: int, out_ch: int, kernel: int, dilation: int = 1, bias: bool = False
+) -> list[nn.Module]:
+    """A same-size conv followed by BatchNorm and ReLU."""
+    pad = dilation * (kernel // 2)
+    return [
+        nn.Conv2d(in_ch, out_ch, kernel, padding=pad, dilation=dilation, bias=bias),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(inplace=True),
+    ]
+
+
+def scaled_aspp_dilations(dilations: list[int] | tuple[int, ...], output_stride: int) -> list[int]:
+    """Scale dilations stated for output stride 8 to ``output_stride`` (16 halves them)."""
+    # The same rates then cover the same image area whatever the stride.
+    return [max(1, d * ASPP_REFERENCE_STRIDE // output_stride) for d in dilations]
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: image pooling, 1x1 and dilated 3x3 branches."""
+
+    def __init__(
+        self, in_ch: int, out_ch: int, dilations: list[int] | tuple[int, ...], dropout: float
+    ) -> None:
+        super().__init__()
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), *_conv_bn_relu(in_ch, out_ch, 1))
+        self.branches = nn.ModuleList(
+            [nn.Sequential(*_conv_bn_relu(in_ch, out_ch, 1))]
+            + [nn.Sequential(*_conv_bn_relu(in_ch, out_ch, 3, dilation=d)) for d in dilations]
+        )
+        self.project = nn.Sequential(
+            *_conv_bn_relu((len(dilations) + 2) * out_ch, out_ch, 3), nn.Dropout2d(dropout)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return the fused multi-rate context map at the input's resolution."""
+        pooled = _resize(self.pool(x), x.shape[-2:])
+        return self.project(torch.cat([pooled, *(branch(x) for branch in self.branches)], 1))
+
+
+class DeepLabV3Plus(nn.Module):
+    """DeepLabv3+ returning logits, the 512-d stride-4 features and optional aux logits."""
+
+    def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ModelError(f"num_classes must be positive, got {num_classes}")
+        self.num_classes = num_classes
+        self.backbone = Backbone(cfg)
+        low_ch, mid_ch, high_ch = self.backbone.channels
+        self.aspp_dilations = scaled_aspp_dilations(cfg.aspp_dilations, cfg.output_stride)
+        self.aspp = ASPP(high_ch, cfg.aspp_channels, self.aspp_dilations, cfg.dropout)
+        self.low_level = nn.Sequential(*_conv_bn_relu(low_ch, cfg.low_level_channels, 1, bias=True))
+        self.feature_dim = cfg.low_level_channels + cfg.aspp_channels
+        head = cfg.head_channels
+        # The release's "linear predictor": two 3x3 convs before the 1x1 classifier.
+        self.classifier = nn.Sequential(
+            *_conv_bn_relu(self.feature_dim, head, 3, bias=True),
+            nn.Dropout2d(cfg.dropout),
+            *_conv_bn_relu(head, head, 3, bias=True),
+            nn.Dropout2d(cfg.dropout),
+            nn.Conv2d(head, num_classes, 1),
+        )
+        self.aux: nn.Module | None = None
+        if cfg.aux_head:
+            self.aux = nn.Sequential(
+                *_conv_bn_relu(mid_ch, head, 3),
+                nn.Dropout2d(AUX_DROPOUT),
+                nn.Conv2d(head, num_classes, 1),
+            )
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Return ``logits`` and ``aux`` at the input size and the stride-4 ``features``."""
+        size = x.shape[-2:]
+        low, mid, high = self.backbone(x)
+        low = self.low_level(low)
+        context = _resize(self.aspp(high), low.shape[-2:])
+        features = torch.cat([low, context], 1)
+        out = {"logits": _resize(self.classifier(features), size), "features": features}
+        if self.aux is not None:
+            out["aux"] = _resize(self.aux(mid), size)
+        return out
+
+    def classify(self, features: Tensor) -> Tensor:
+        """Apply the classifier head to a feature map, without upsampling."""
+        return self.classifier(features)
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """Return (backbone parameters, decoder and head parameters)."""
+        backbone = list(self.backbone.parameters())
+        ids = {id(p) for p in backbone}
+        return backbone, [p for p in self.parameters() if id(p) not in ids]

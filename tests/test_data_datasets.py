@@ -1,0 +1,269 @@
+"""Layout readers and SegmentationDataset on small fixtures written in the real formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from protoseg.config import DataConfig
+from protoseg.data import (
+    CITYSCAPES_LABEL_ID_TO_TRAIN_ID,
+    DataError,
+    build_dataset,
+    denormalize,
+    eval_transform,
+    save_mask_png,
+    train_transform,
+    write_split,
+)
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def _rgb(path: Path, array: np.ndarray, **save: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, **save)
+
+
+def _voc_fixture(root: Path) -> np.ndarray:
+    """Two VOC images: a palette mask with a 255 border and a plain grey-id mask."""
+    image = np.zeros((20, 30, 3), np.uint8)
+    image[:, :15] = (200, 40, 40)
+    image[:, 15:] = (40, 40, 200)
+    _rgb(root / "JPEGImages" / "2007_000001.jpg", image, quality=95)
+    _rgb(root / "JPEGImages" / "2007_000002.jpg", image, quality=95)
+    mask = np.zeros((20, 30), np.uint8)
+    mask[:, 15:] = 15
+    mask[[0, -1], :] = 255
+    mask[:, [0, -1]] = 255
+    save_mask_png(mask, root / "SegmentationClassAug" / "2007_000001.png")
+    _rgb(root / "SegmentationClassAug" / "2007_000002.png", mask)  # mode 'L'
+    write_split(root / "splits" / "labeled.txt", ["2007_000001", "2007_000002"])
+    return mask
+
+
+def _cfg(root: Path, **kw: object) -> DataConfig:
+    return DataConfig(root=str(root), **kw)  # type: ignore[arg-type]
+
+
+def test_voc_palette_and_grey_masks(tmp_path: Path) -> None:
+    mask = _voc_fixture(tmp_path)
+    assert Image.open(tmp_path / "SegmentationClassAug" / "2007_000001.png").mode == "P"
+    cfg = _cfg(tmp_path)
+    ds = build_dataset(cfg, "labeled", eval_transform(cfg))
+    assert len(ds) == 2
+    for i in range(2):
+        item = ds[i]
+        assert item["name"] == f"2007_00000{i + 1}"
+        assert item["size"] == (20, 30) and item["index"] == i
+        assert item["mask"].dtype == torch.int64 and item["image"].dtype == torch.float32
+        assert torch.equal(item["mask"], torch.from_numpy(mask).long())
+        rgb = denormalize(item["image"], MEAN, STD) * 255
+        assert item["image"].shape == (3, 20, 30)
+        assert (rgb[:, 2:-2, 2:12] - torch.tensor([200.0, 40, 40])[:, None, None]).abs().max() < 6
+        assert (rgb[:, 2:-2, 18:-2] - torch.tensor([40.0, 40, 200])[:, None, None]).abs().max() < 6
+
+
+def test_voc_two_column_lines(tmp_path: Path) -> None:
+    _voc_fixture(tmp_path)
+    write_split(
+        tmp_path / "pairs.txt", ["JPEGImages/2007_000001.jpg SegmentationClassAug/2007_000002.png"]
+    )
+    cfg = _cfg(tmp_path, val_split="pairs.txt")
+    ds = build_dataset(cfg, "val", eval_transform(cfg))
+    assert ds.samples[0].name == "2007_000001"
+    assert ds.samples[0].mask == tmp_path / "SegmentationClassAug" / "2007_000002.png"
+    assert ds[0]["mask"].shape == (20, 30)
+
+
+CITY_LINE = "leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png"
+CITY_MASKS = Path("gtFine/train/aachen")
+
+
+def _city_fixture(root: Path) -> np.ndarray:
+    _rgb(root / CITY_LINE, np.full((8, 12, 3), 90, np.uint8))
+    label_ids = np.zeros((8, 12), np.uint8)
+    label_ids[0] = 7
+    label_ids[1] = 26
+    label_ids[2] = 33
+    label_ids[3] = 4  # 'static': not a train class
+    _rgb(root / CITY_MASKS / "aachen_000000_000019_gtFine_labelIds.png", label_ids)
+    write_split(root / "splits" / "labeled.txt", [CITY_LINE])
+    return label_ids
+
+
+def test_cityscapes_label_ids_are_mapped(tmp_path: Path) -> None:
+    _city_fixture(tmp_path)
+    cfg = _cfg(tmp_path, layout="cityscapes", num_classes=19)
+    ds = build_dataset(cfg, "labeled", eval_transform(cfg))
+    assert ds.samples[0].map_ids and ds.samples[0].name == "aachen_000000_000019"
+    mask = ds[0]["mask"]
+    assert mask[0].unique().tolist() == [0]
+    assert mask[1].unique().tolist() == [13]
+    assert mask[2].unique().tolist() == [18]
+    assert mask[3].unique().tolist() == [255]
+    assert mask[4].unique().tolist() == [255]  # label id 0 ('unlabeled')
+    table = CITYSCAPES_LABEL_ID_TO_TRAIN_ID
+    assert table.shape == (256,) and table.dtype == np.uint8
+    assert (table != 255).sum() == 19 and table[24] == 11 and table[255] == 255
+    # Without mapping the raw ids (up to 33) are out of range for 19 classes.
+    cfg_raw = _cfg(tmp_path, layout="cityscapes", num_classes=19, map_label_ids=False)
+    with pytest.raises(DataError, match="labelTrainIds.png: file not found"):
+        build_dataset(cfg_raw, "labeled", eval_transform(cfg_raw))
+
+
+def test_cityscapes_prefers_label_train_ids(tmp_path: Path) -> None:
+    _city_fixture(tmp_path)
+    train_ids = np.full((8, 12), 5, np.uint8)
+    _rgb(tmp_path / CITY_MASKS / "aachen_000000_000019_gtFine_labelTrainIds.png", train_ids)
+    cfg = _cfg(tmp_path, layout="cityscapes", num_classes=19)
+    ds = build_dataset(cfg, "labeled", eval_transform(cfg))
+    assert not ds.samples[0].map_ids
+    assert ds[0]["mask"].unique().tolist() == [5]
+
+
+def test_folder_layout_with_unlabelled_images(tmp_path: Path) -> None:
+    colors = {"a": (255, 0, 0), "b": (0, 255, 0), "c": (0, 0, 255)}
+    _rgb(tmp_path / "images" / "a.png", np.full((10, 14, 3), colors["a"], np.uint8))
+    _rgb(tmp_path / "images" / "b.jpeg", np.full((9, 9, 3), colors["b"], np.uint8))
+    # Greyscale and palette inputs must come out as 3-channel RGB.
+    Image.new("L", (11, 7), 128).save(tmp_path / "images" / "c.jpg")
+    Image.new("RGBA", (5, 6), (10, 20, 30, 0)).save(tmp_path / "images" / "d.png")
+    save_mask_png(np.ones((10, 14), np.uint8), tmp_path / "masks" / "a.png")
+    write_split(tmp_path / "lab.txt", ["a"])
+    write_split(tmp_path / "unlab.txt", ["b", "c", "d.png"])
+    cfg = _cfg(tmp_path, layout="folder", labeled_split="lab.txt", unlabeled_split="unlab.txt")
+    labeled = build_dataset(cfg, "labeled", eval_transform(cfg))
+    assert labeled[0]["mask"].unique().tolist() == [1]
+    unlabeled = build_dataset(cfg, "unlabeled", eval_transform(cfg))
+    names = [s.name for s in unlabeled.samples]
+    assert names == ["b", "c", "d"]
+    assert all(s.mask is None for s in unlabeled.samples)
+    for i, size in enumerate([(9, 9), (7, 11), (6, 5)]):
+        item = unlabeled[i]
+        assert "mask" not in item and item["size"] == size
+        assert item["image"].shape == (3, *size)
+    grey = denormalize(unlabeled[1]["image"], MEAN, STD) * 255
+    assert (grey - 128).abs().max() < 3
+
+
+def test_aug_seed_makes_items_reproducible(synthetic_root: Path) -> None:
+    cfg = _cfg(
+        synthetic_root,
+        num_classes=6,
+        crop_size=48,
+        mask_dir="SegmentationClass",
+        labeled_split="splits/8/labeled.txt",
+    )
+    ds = build_dataset(cfg, "labeled", train_transform(cfg))
+    first, again = ds[(3, 1234)], ds[(3, 1234)]
+    assert torch.equal(first["image"], again["image"])
+    assert torch.equal(first["mask"], again["mask"])
+    other = ds[(3, 1235)]
+    assert not torch.equal(first["image"], other["image"])
+    # The ambient RNG is left untouched by seeded items.
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    ds[(1, 99)]
+    assert torch.equal(torch.rand(3), expected)
+
+
+# ---- errors: each names the offending file and says what to do ----
+
+
+def test_missing_root(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path / "no_such_dataset")
+    with pytest.raises(DataError, match="no_such_dataset.*does not exist: download the dataset"):
+        build_dataset(cfg, "labeled", eval_transform(cfg))
+
+
+def test_missing_image_names_split_line(tmp_path: Path) -> None:
+    _voc_fixture(tmp_path)
+    write_split(tmp_path / "splits" / "labeled.txt", ["2007_000001", "2007_000002", "gone_1"])
+    (tmp_path / "splits" / "labeled.txt").write_text(
+        "2007_000001\n\n2007_000002\ngone_1\ngone_2\n"
+    )
+    cfg = _cfg(tmp_path)
+    with pytest.raises(DataError) as info:
+        build_dataset(cfg, "labeled", eval_transform(cfg))
+    message = str(info.value)
+    assert "gone_1.jpg: file not found" in message
+    assert "labeled.txt, line 4" in message
+    assert "4 of 8 files" in message
+    # Without the up-front check the dataset builds and the read names the file instead.
+    lazy = build_dataset(_cfg(tmp_path, check_files=False), "labeled", eval_transform(cfg))
+    with pytest.raises(DataError, match="gone_1.jpg: image not found"):
+        lazy[2]
+
+
+def test_size_mismatch(tmp_path: Path) -> None:
+    _voc_fixture(tmp_path)
+    save_mask_png(np.zeros((20, 29), np.uint8), tmp_path / "SegmentationClassAug" / "2007_000002.png")
+    cfg = _cfg(tmp_path)
+    ds = build_dataset(cfg, "labeled", eval_transform(cfg))
+    with pytest.raises(DataError, match=r"2007_000002.png: mask is 29x20 but its image .* is 30x20"):
+        ds[1]
+
+
+def test_out_of_range_labels(tmp_path: Path) -> None:
+    _voc_fixture(tmp_path)
+    mask = np.zeros((20, 30), np.uint8)
+    mask[0, :3] = (21, 40, 254)
+    save_mask_png(mask, tmp_path / "SegmentationClassAug" / "2007_000001.png")
+    cfg = _cfg(tmp_path)
+    ds = build_dataset(cfg, "labeled", eval_transform(cfg))
+    with pytest.raises(DataError) as info:
+        ds[0]
+    message = str(info.value)
+    assert "2007_000001.png: label values 21, 40, 254 are outside [0, 21)" in message
+    assert "data.num_classes" in message and "data.ignore_index" in message
+
+
+def test_corrupt_and_truncated_images(tmp_path: Path) -> None:
+    _voc_fixture(tmp_path)
+    jpeg = tmp_path / "JPEGImages" / "2007_000001.jpg"
+    good = jpeg.read_bytes()
+    jpeg.write_bytes(np.random.default_rng(0).bytes(500))
+    cfg = _cfg(tmp_path)
+    ds = build_dataset(cfg, "labeled", eval_transform(cfg))
+    with pytest.raises(DataError, match="2007_000001.jpg: cannot read image .* corrupt"):
+        ds[0]
+    jpeg.write_bytes(good[: len(good) // 2])
+    with pytest.raises(DataError, match="2007_000001.jpg: cannot read image"):
+        ds[0]
+    (tmp_path / "SegmentationClassAug" / "2007_000002.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="2007_000002.png: cannot read mask"):
+        ds[1]
+
+
+def test_empty_split_and_unknown_layout(tmp_path: Path) -> None:
+    _voc_fixture(tmp_path)
+    (tmp_path / "splits" / "val.txt").write_text("\n\n")
+    cfg = _cfg(tmp_path)
+    with pytest.raises(DataError, match=r"val.txt: split file is empty.*data.val_split"):
+        build_dataset(cfg, "val", eval_transform(cfg))
+    with pytest.raises(DataError, match=r"nothere.txt: split file not found.*data.labeled_split"):
+        build_dataset(_cfg(tmp_path, labeled_split="nothere.txt"), "labeled", eval_transform(cfg))
+    bad = _cfg(tmp_path, layout="coco")
+    with pytest.raises(DataError, match="data.layout='coco' is unknown; choose one of cityscapes"):
+        build_dataset(bad, "labeled", eval_transform(cfg))
+
+
+def test_unlabeled_split_required_for_unlabeled(tmp_path: Path) -> None:
+    _voc_fixture(tmp_path)
+    cfg = _cfg(tmp_path)
+    with pytest.raises(DataError, match="semi-supervised method needs data.unlabeled_split"):
+        build_dataset(cfg, "unlabeled", eval_transform(cfg))
+
+
+def test_malformed_cityscapes_line_names_split_line(tmp_path: Path) -> None:
+    _city_fixture(tmp_path)
+    (tmp_path / "splits" / "labeled.txt").write_text(f"{CITY_LINE}\n2007_000001\n")
+    cfg = _cfg(tmp_path, layout="cityscapes", num_classes=19)
+    with pytest.raises(DataError, match=r"labeled.txt, line 2: entry '2007_000001' is not a Cit"):
+        build_dataset(cfg, "labeled", eval_transform(cfg))
