@@ -16,8 +16,9 @@ EPILOG = "Overrides are dotted keys of the config, e.g. train.iterations=200 met
 
 def _setup_logging(rank: int = 0) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
 
 
 def _rank() -> int:
@@ -30,8 +31,14 @@ def cmd_data_synthetic(args: argparse.Namespace) -> int:
     from protoseg.data import generate_synthetic
 
     counts = [int(x) for x in args.labels.split(",") if x]
-    root = generate_synthetic(args.out, num_train=args.num_train, num_val=args.num_val,
-                              image_size=args.image_size, label_counts=counts, seed=args.seed)
+    root = generate_synthetic(
+        args.out,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        image_size=args.image_size,
+        label_counts=counts,
+        seed=args.seed,
+    )
     print(f"synthetic dataset written to {root} (splits: {', '.join(map(str, counts))}, full)")
     return 0
 
@@ -89,18 +96,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         predictor = load(args.checkpoint, device=device, head=args.head)
         dataset = build_dataset(cfg.data, "val", eval_transform(cfg.data))
-        loader = build_eval_loader(dataset, dist_info.rank, dist_info.world_size,
-                                   workers=min(cfg.data.workers, 4))
-        result = evaluate(predictor.model, loader, cfg.data.num_classes, cfg.eval, device,
-                          cfg.data.ignore_index, progress=dist_info.is_main)
+        loader = build_eval_loader(
+            dataset, dist_info.rank, dist_info.world_size, workers=min(cfg.data.workers, 4)
+        )
+        result = evaluate(
+            predictor.model,
+            loader,
+            cfg.data.num_classes,
+            cfg.eval,
+            device,
+            cfg.data.ignore_index,
+            progress=dist_info.is_main,
+        )
     finally:
         cleanup()
     if dist_info.is_main:
         print(format_table(result, cfg.data.class_names))
         if args.out:
-            save_result(result, args.out, cfg.data.class_names,
-                        {"checkpoint": str(args.checkpoint), "head": args.head,
-                         "mode": cfg.eval.mode})
+            save_result(
+                result,
+                args.out,
+                cfg.data.class_names,
+                {"checkpoint": str(args.checkpoint), "head": args.head, "mode": cfg.eval.mode},
+            )
             print(f"results written to {args.out}")
     return 0
 
@@ -109,14 +127,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Generate the synthetic set, train the methods, compare them."""
     from protoseg.demo import run_demo
 
-    run_demo(out=args.out, full=args.full, methods=args.methods, seed=args.seed,
-             iterations=args.iterations, device=args.device)
+    run_demo(
+        out=args.out,
+        full=args.full,
+        methods=args.methods,
+        seed=args.seed,
+        iterations=args.iterations,
+        device=args.device,
+    )
     return 0
 
 
 # ---- parser ----------------------------------------------------------------------------------
-def _add(sub, name: str, func: Callable[[argparse.Namespace], int], help_text: str,
-         ) -> argparse.ArgumentParser:
+def _add(
+    sub,
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    help_text: str,
+) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
     parser.set_defaults(func=func)
     return parser
@@ -125,23 +153,33 @@ def _add(sub, name: str, func: Callable[[argparse.Namespace], int], help_text: s
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (every sub-command has --help)."""
     parser = argparse.ArgumentParser(
-        prog="protoseg", description="Semi-supervised semantic segmentation (PCR and baselines).")
+        prog="protoseg", description="Semi-supervised semantic segmentation (PCR and baselines)."
+    )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="dataset tools", description="Dataset tools.")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    p = _add(data_sub, "synthetic", cmd_data_synthetic,
-             "Write the built-in synthetic dataset (VOC layout, U2PL-format splits).")
+    p = _add(
+        data_sub,
+        "synthetic",
+        cmd_data_synthetic,
+        "Write the built-in synthetic dataset (VOC layout, U2PL-format splits).",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-train", type=int, default=480)
     p.add_argument("--num-val", type=int, default=96)
     p.add_argument("--image-size", type=int, default=96)
-    p.add_argument("--labels", default="30,120",
-                   help="comma-separated labelled-set sizes to write splits for")
-    p = _add(data_sub, "split", cmd_data_split,
-             "Random labelled/unlabelled split of a list file (one name per line).")
+    p.add_argument(
+        "--labels", default="30,120", help="comma-separated labelled-set sizes to write splits for"
+    )
+    p = _add(
+        data_sub,
+        "split",
+        cmd_data_split,
+        "Random labelled/unlabelled split of a list file (one name per line).",
+    )
     p.add_argument("--list", required=True, help="file listing every training name")
     p.add_argument("--num-labeled", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
@@ -150,8 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "train", cmd_train, "Train a model from a YAML config (torchrun for many GPUs).")
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides key.sub=value")
-    p.add_argument("--resume", default=None,
-                   help="checkpoint to resume from ('auto' = newest in the run folder)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="checkpoint to resume from ('auto' = newest in the run folder)",
+    )
 
     p = _add(sub, "eval", cmd_eval, "Evaluate a checkpoint on a config's validation split.")
     p.add_argument("config", help="YAML config file (data and eval settings)")
@@ -160,12 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", default="linear", choices=["linear", "prototype"])
     p.add_argument("--out", default=None, help="write the results as JSON here")
 
-    p = _add(sub, "demo", cmd_demo,
-             "Synthetic-data replication: supervised vs cutmix_seg vs pcr, with a report.")
+    p = _add(
+        sub,
+        "demo",
+        cmd_demo,
+        "Synthetic-data replication: supervised vs cutmix_seg vs pcr, with a report.",
+    )
     p.add_argument("--out", default="runs/demo", help="output folder")
-    p.add_argument("--full", action="store_true",
-                   help="also run the Table 4 ablations, strong-augmentation variants and "
-                        "several label fractions (longer)")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="also run the Table 4 ablations, strong-augmentation variants and "
+        "several label fractions (longer)",
+    )
     p.add_argument("--methods", nargs="*", default=None, help="subset of methods to run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iterations", type=int, default=None, help="override the training length")

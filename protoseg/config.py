@@ -227,25 +227,43 @@ def _merge(schema: Any, *layers: Any, source: str) -> Any:
         return OmegaConf.merge(schema, *layers)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or ""
-        raise ConfigError(f"{source}: invalid key or value {key!r}: {exc.msg.splitlines()[0]}") from None
+        raise ConfigError(
+            f"{source}: invalid key or value {key!r}: {exc.msg.splitlines()[0]}"
+        ) from None
 
 
 def _parse_overrides(overrides: list[str]) -> Any:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
-    return OmegaConf.from_dotlist(list(overrides))
+    # from_dotlist reads "key=" as None; an empty value means the empty string here.
+    empty = [item[:-1] for item in overrides if item.endswith("=")]
+    conf = OmegaConf.from_dotlist([item for item in overrides if not item.endswith("=")])
+    for key in empty:
+        OmegaConf.update(conf, key, "", force_add=True)
+    return conf
 
 
 def validate(cfg: Config) -> Config:
     """Check the values that types alone cannot; raise ConfigError naming the key."""
-    flat = {f"{s.name}.{f.name}": getattr(getattr(cfg, s.name), f.name)
-            for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))}
+    flat = {
+        f"{s.name}.{f.name}": getattr(getattr(cfg, s.name), f.name)
+        for s in dataclasses.fields(cfg)
+        for f in dataclasses.fields(getattr(cfg, s.name))
+    }
     for key, allowed in _CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}={flat[key]!r}: choose one of {', '.join(allowed)}")
-    positive = ["data.num_classes", "data.crop_size", "train.batch_size", "optim.lr",
-                "method.prototypes_per_class", "method.temperature", "eval.window", "eval.stride"]
+    positive = [
+        "data.num_classes",
+        "data.crop_size",
+        "train.batch_size",
+        "optim.lr",
+        "method.prototypes_per_class",
+        "method.temperature",
+        "eval.window",
+        "eval.stride",
+    ]
     for key in positive:
         if flat[key] <= 0:
             raise ConfigError(f"{key}={flat[key]} must be > 0")
@@ -259,8 +277,10 @@ def validate(cfg: Config) -> Config:
     if len(cfg.data.scale_range) != 2 or not 0 < lo <= hi:
         raise ConfigError("data.scale_range must be [min, max] with 0 < min <= max")
     if cfg.data.class_names and len(cfg.data.class_names) != cfg.data.num_classes:
-        raise ConfigError(f"data.class_names has {len(cfg.data.class_names)} names but "
-                          f"data.num_classes is {cfg.data.num_classes}")
+        raise ConfigError(
+            f"data.class_names has {len(cfg.data.class_names)} names but "
+            f"data.num_classes is {cfg.data.num_classes}"
+        )
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
         raise ConfigError("data.mean and data.std need three values (RGB)")
     if not cfg.method.linear_head and not cfg.method.proto_head:
@@ -285,8 +305,10 @@ def find_config(name: str | Path) -> Path:
     shipped = shipped_config_dir() / name
     if shipped.is_file():
         return shipped
-    raise ConfigError(f"config {name} not found: not a file, nor one of the shipped configs "
-                      f"in {shipped_config_dir()} (e.g. voc/classic/92/pcr.yaml)")
+    raise ConfigError(
+        f"config {name} not found: not a file, nor one of the shipped configs "
+        f"in {shipped_config_dir()} (e.g. voc/classic/92/pcr.yaml)"
+    )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -308,7 +330,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", "") or ""
-        raise ConfigError(f"{source}: missing value for {key!r}: set it in the YAML or as {key}=...") from None
+        raise ConfigError(
+            f"{source}: missing value for {key!r}: set it in the YAML or as {key}=..."
+        ) from None
     return validate(cfg)
 
 

@@ -54,34 +54,53 @@ class RunOutcome:
 
 def default_runs(full: bool = False, methods: list[str] | None = None) -> list[RunSpec]:
     """The runs of the demo; ``full`` adds Table 4 ablations, Table 6 augmentations, 1/4 labels."""
-    runs = [RunSpec("supervised", "synthetic/supervised.yaml"),
-            RunSpec("cutmix_seg", "synthetic/cutmix_seg.yaml"),
-            RunSpec("pcr", "synthetic/pcr.yaml")]
+    runs = [
+        RunSpec("supervised", "synthetic/supervised.yaml"),
+        RunSpec("cutmix_seg", "synthetic/cutmix_seg.yaml"),
+        RunSpec("pcr", "synthetic/pcr.yaml"),
+    ]
     if full:
         runs += [
-            RunSpec("pcr_proto_only", "synthetic/pcr.yaml", ["method.linear_head=false"],
-                    head="prototype"),
+            RunSpec(
+                "pcr_proto_only",
+                "synthetic/pcr.yaml",
+                ["method.linear_head=false"],
+                head="prototype",
+            ),
             RunSpec("pcr_no_update", "synthetic/pcr.yaml", ["method.update_prototypes=false"]),
             RunSpec("mean_teacher", "synthetic/mean_teacher.yaml"),
         ]
         for aug in ("cutout", "classmix"):
-            runs += [RunSpec(f"cutmix_seg_{aug}", "synthetic/cutmix_seg.yaml",
-                             [f"method.strong_aug={aug}"]),
-                     RunSpec(f"pcr_{aug}", "synthetic/pcr.yaml", [f"method.strong_aug={aug}"])]
+            runs += [
+                RunSpec(
+                    f"cutmix_seg_{aug}", "synthetic/cutmix_seg.yaml", [f"method.strong_aug={aug}"]
+                ),
+                RunSpec(f"pcr_{aug}", "synthetic/pcr.yaml", [f"method.strong_aug={aug}"]),
+            ]
         quarter = DEMO_LABEL_COUNTS[1]
-        runs += [RunSpec(f"{m}_{quarter}", f"synthetic/{m}.yaml", labeled=quarter)
-                 for m in ("supervised", "cutmix_seg", "pcr")]
+        runs += [
+            RunSpec(f"{m}_{quarter}", f"synthetic/{m}.yaml", labeled=quarter)
+            for m in ("supervised", "cutmix_seg", "pcr")
+        ]
     if methods:
         runs = [r for r in runs if r.name in methods]
         if not runs:
-            raise ValueError(f"no demo run is named {methods}; choose from "
-                             f"{[r.name for r in default_runs(full=True)]}")
+            raise ValueError(
+                f"no demo run is named {methods}; choose from "
+                f"{[r.name for r in default_runs(full=True)]}"
+            )
     return runs
 
 
-def build_run_config(spec: RunSpec, data_root: Path, out_dir: Path, seed: int,
-                     iterations: int | None, device: str, extra: list[str] | None = None
-                     ) -> Config:
+def build_run_config(
+    spec: RunSpec,
+    data_root: Path,
+    out_dir: Path,
+    seed: int,
+    iterations: int | None,
+    device: str,
+    extra: list[str] | None = None,
+) -> Config:
     """The Config of one demo run: the shipped recipe plus the run's own overrides."""
     overrides = [
         f"data.root={data_root}",
@@ -105,8 +124,18 @@ def train_run(cfg: Config, spec: RunSpec) -> RunOutcome:
     result = Trainer(cfg).fit()
     final = result.final.get(spec.head) or next(iter(result.final.values()))
     best = result.best.miou if result.best is not None else final.miou
-    return RunOutcome(spec.name, cfg.method.name, spec.labeled, cfg.train.seed, final.miou,
-                      final.iou, best, result.seconds, str(result.out_dir), spec.head)
+    return RunOutcome(
+        spec.name,
+        cfg.method.name,
+        spec.labeled,
+        cfg.train.seed,
+        final.miou,
+        final.iou,
+        best,
+        result.seconds,
+        str(result.out_dir),
+        spec.head,
+    )
 
 
 def ensure_dataset(data_root: Path, seed: int = 0) -> Path:
@@ -120,8 +149,11 @@ def ensure_dataset(data_root: Path, seed: int = 0) -> Path:
 def format_comparison(outcomes: list[RunOutcome], class_names: list[str]) -> str:
     """A text table: one row per run with mIoU, per-class IoU and training time."""
     names = [n[:10] for n in class_names]
-    header = f"{'run':<22}{'labels':>7}{'mIoU':>8}" + "".join(f"{n:>11}" for n in names) \
+    header = (
+        f"{'run':<22}{'labels':>7}{'mIoU':>8}"
+        + "".join(f"{n:>11}" for n in names)
         + f"{'train s':>9}"
+    )
     lines = [header, "-" * len(header)]
     for o in outcomes:
         ious = "".join(f"{v:>11.1f}" if v == v else f"{'-':>11}" for v in o.iou)
@@ -129,8 +161,14 @@ def format_comparison(outcomes: list[RunOutcome], class_names: list[str]) -> str
     return "\n".join(lines)
 
 
-def run_demo(out: str | Path = "runs/demo", full: bool = False, methods: list[str] | None = None,
-             seed: int = 0, iterations: int | None = None, device: str = "auto") -> list[RunOutcome]:
+def run_demo(
+    out: str | Path = "runs/demo",
+    full: bool = False,
+    methods: list[str] | None = None,
+    seed: int = 0,
+    iterations: int | None = None,
+    device: str = "auto",
+) -> list[RunOutcome]:
     """Run the comparison, print the table, write ``report.md`` with plots; return the rows."""
     out = Path(out)
     started = time.perf_counter()
@@ -147,6 +185,8 @@ def run_demo(out: str | Path = "runs/demo", full: bool = False, methods: list[st
     report = write_demo_report(out, outcomes, list(SYNTHETIC_CLASSES), data_root)
     elapsed = time.perf_counter() - started
     print("\n" + table)
-    print(f"\ndemo finished in {elapsed / 60:.1f} min; report: {report}; runs and model files "
-          f"under {out}/<run>/ (model.pt); TensorBoard: tensorboard --logdir {out}")
+    print(
+        f"\ndemo finished in {elapsed / 60:.1f} min; report: {report}; runs and model files "
+        f"under {out}/<run>/ (model.pt); TensorBoard: tensorboard --logdir {out}"
+    )
     return outcomes

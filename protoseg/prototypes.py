@@ -57,8 +57,10 @@ class PrototypeBank(nn.Module):
             flat = features.permute(0, 2, 3, 1).reshape(-1, d)
             return self.logits(flat).reshape(b, h, w, -1).permute(0, 3, 1, 2)
         if features.dim() != 2 or features.shape[1] != self.dim:
-            raise ValueError(f"features must be (N, {self.dim}) or (B, {self.dim}, H, W), "
-                             f"got {tuple(features.shape)}")
+            raise ValueError(
+                f"features must be (N, {self.dim}) or (B, {self.dim}, H, W), "
+                f"got {tuple(features.shape)}"
+            )
         # Similarities stay in fp32 under autocast: bf16 cosines near 1 lose the margin.
         with torch.autocast(features.device.type, enabled=False):
             return self.similarity(features).amax(dim=2) / self.temperature
@@ -138,8 +140,14 @@ class PrototypeBank(nn.Module):
                 continue
             k = min(self.per_class, len(np.unique(x, axis=0)))
             if k < self.per_class:
-                log.warning("prototype init: class %d has only %d distinct pixels; %d of %d "
-                            "prototypes are duplicates", c, k, self.per_class - k, self.per_class)
+                log.warning(
+                    "prototype init: class %d has only %d distinct pixels; %d of %d "
+                    "prototypes are duplicates",
+                    c,
+                    k,
+                    self.per_class - k,
+                    self.per_class,
+                )
             centres = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(x).cluster_centers_
             centres = torch.from_numpy(centres).float()
             bank[c] = centres[torch.arange(self.per_class) % k]
@@ -156,8 +164,10 @@ class PrototypeBank(nn.Module):
 
     def extra_repr(self) -> str:
         """Sizes and hyper-parameters for print(model)."""
-        return (f"classes={self.num_classes}, per_class={self.per_class}, dim={self.dim}, "
-                f"momentum={self.momentum}, temperature={self.temperature}")
+        return (
+            f"classes={self.num_classes}, per_class={self.per_class}, dim={self.dim}, "
+            f"momentum={self.momentum}, temperature={self.temperature}"
+        )
 
 
 class PrototypeSegmenter(nn.Module):
@@ -170,8 +180,12 @@ class PrototypeSegmenter(nn.Module):
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """Prototype logits (Eq. 2) upsampled to the input size, plus the features."""
         out = self.network(images)
-        logits = F.interpolate(self.bank.logits(out["features"]), size=images.shape[-2:],
-                               mode="bilinear", align_corners=True)
+        logits = F.interpolate(
+            self.bank.logits(out["features"]),
+            size=images.shape[-2:],
+            mode="bilinear",
+            align_corners=True,
+        )
         return {"logits": logits, "features": out["features"]}
 
 
@@ -189,7 +203,10 @@ def _count_later_in_slot(slots: Tensor, n_slots: int) -> Tensor:
 
 
 def sample_grid_coords(
-    height: int, width: int, grid: int, generator: torch.Generator | None = None,
+    height: int,
+    width: int,
+    grid: int,
+    generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> Tensor:
     """One random pixel per cell of a grid x grid layout over an H x W image: (N, 2) as (y, x).

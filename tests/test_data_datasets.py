@@ -109,7 +109,9 @@ def test_cityscapes_label_ids_are_mapped(tmp_path: Path) -> None:
     assert mask[4].unique().tolist() == [255]  # label id 0 ('unlabeled')
     table = CITYSCAPES_LABEL_ID_TO_TRAIN_ID
     assert table.shape == (256,) and table.dtype == np.uint8
-    assert (table != 255).sum() == 19 and table[24] == 11 and table[255] == 255
+    label_ids = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
+    expected = {label_id: train_id for train_id, label_id in enumerate(label_ids)}
+    assert {i: int(t) for i, t in enumerate(table) if t != 255} == expected
     # Without mapping the raw ids (up to 33) are out of range for 19 classes.
     cfg_raw = _cfg(tmp_path, layout="cityscapes", num_classes=19, map_label_ids=False)
     with pytest.raises(DataError, match="labelTrainIds.png: file not found"):
@@ -133,22 +135,28 @@ def test_folder_layout_with_unlabelled_images(tmp_path: Path) -> None:
     # Greyscale and palette inputs must come out as 3-channel RGB.
     Image.new("L", (11, 7), 128).save(tmp_path / "images" / "c.jpg")
     Image.new("RGBA", (5, 6), (10, 20, 30, 0)).save(tmp_path / "images" / "d.png")
+    palette_image = Image.new("P", (4, 3), 1)
+    palette_image.putpalette([0, 0, 0, 250, 100, 50] + [0] * 762)
+    palette_image.save(tmp_path / "images" / "e.png")
     save_mask_png(np.ones((10, 14), np.uint8), tmp_path / "masks" / "a.png")
     write_split(tmp_path / "lab.txt", ["a"])
-    write_split(tmp_path / "unlab.txt", ["b", "c", "d.png"])
+    write_split(tmp_path / "unlab.txt", ["b", "c", "d.png", "e"])
     cfg = _cfg(tmp_path, layout="folder", labeled_split="lab.txt", unlabeled_split="unlab.txt")
     labeled = build_dataset(cfg, "labeled", eval_transform(cfg))
     assert labeled[0]["mask"].unique().tolist() == [1]
     unlabeled = build_dataset(cfg, "unlabeled", eval_transform(cfg))
     names = [s.name for s in unlabeled.samples]
-    assert names == ["b", "c", "d"]
+    assert names == ["b", "c", "d", "e"]
     assert all(s.mask is None for s in unlabeled.samples)
-    for i, size in enumerate([(9, 9), (7, 11), (6, 5)]):
+    for i, size in enumerate([(9, 9), (7, 11), (6, 5), (3, 4)]):
         item = unlabeled[i]
         assert "mask" not in item and item["size"] == size
+        assert item["valid"].dtype == torch.bool and bool(item["valid"].all())
         assert item["image"].shape == (3, *size)
     grey = denormalize(unlabeled[1]["image"], MEAN, STD) * 255
     assert (grey - 128).abs().max() < 3
+    orange = denormalize(unlabeled[3]["image"], MEAN, STD) * 255
+    assert (orange - torch.tensor([250.0, 100, 50])[:, None, None]).abs().max() < 0.01
 
 
 def test_aug_seed_makes_items_reproducible(synthetic_root: Path) -> None:
@@ -165,6 +173,21 @@ def test_aug_seed_makes_items_reproducible(synthetic_root: Path) -> None:
     assert torch.equal(first["mask"], again["mask"])
     other = ds[(3, 1235)]
     assert not torch.equal(first["image"], other["image"])
+    # Unlabelled items mark the crop's padding instead of carrying a mask.
+    cfg_u = _cfg(
+        synthetic_root,
+        crop_size=96,
+        mask_dir="SegmentationClass",
+        unlabeled_split="splits/8/unlabeled.txt",
+    )
+    unlabeled = build_dataset(cfg_u, "unlabeled", train_transform(cfg_u))
+    padded = 0
+    for seed in range(6):
+        item = unlabeled[(0, seed)]
+        assert "mask" not in item and item["valid"].shape == (96, 96)
+        assert torch.equal(item["valid"], (item["image"] != 0).any(dim=0))
+        padded += int((~item["valid"]).sum())
+    assert padded > 0
     # The ambient RNG is left untouched by seeded items.
     torch.manual_seed(0)
     expected = torch.rand(3)
@@ -184,10 +207,7 @@ def test_missing_root(tmp_path: Path) -> None:
 
 def test_missing_image_names_split_line(tmp_path: Path) -> None:
     _voc_fixture(tmp_path)
-    write_split(tmp_path / "splits" / "labeled.txt", ["2007_000001", "2007_000002", "gone_1"])
-    (tmp_path / "splits" / "labeled.txt").write_text(
-        "2007_000001\n\n2007_000002\ngone_1\ngone_2\n"
-    )
+    (tmp_path / "splits" / "labeled.txt").write_text("2007_000001\n\n2007_000002\ngone_1\ngone_2\n")
     cfg = _cfg(tmp_path)
     with pytest.raises(DataError) as info:
         build_dataset(cfg, "labeled", eval_transform(cfg))
@@ -203,10 +223,12 @@ def test_missing_image_names_split_line(tmp_path: Path) -> None:
 
 def test_size_mismatch(tmp_path: Path) -> None:
     _voc_fixture(tmp_path)
-    save_mask_png(np.zeros((20, 29), np.uint8), tmp_path / "SegmentationClassAug" / "2007_000002.png")
+    save_mask_png(
+        np.zeros((20, 29), np.uint8), tmp_path / "SegmentationClassAug" / "2007_000002.png"
+    )
     cfg = _cfg(tmp_path)
     ds = build_dataset(cfg, "labeled", eval_transform(cfg))
-    with pytest.raises(DataError, match=r"2007_000002.png: mask is 29x20 but its image .* is 30x20"):
+    with pytest.raises(DataError, match=r"000002.png: mask is 29x20 but its image .* is 30x20"):
         ds[1]
 
 

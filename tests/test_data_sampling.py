@@ -114,7 +114,7 @@ def test_split_batch_sizes(
 
 
 def test_split_batch_sizes_errors() -> None:
-    with pytest.raises(ValueError, match="train.batch_size=16 is not divisible by the world size 3"):
+    with pytest.raises(ValueError, match="batch_size=16 is not divisible by the world size 3"):
         split_batch_sizes(16, 3, 0)
     with pytest.raises(ValueError, match="train.max_device_batch"):
         split_batch_sizes(16, 2, -1)
@@ -149,6 +149,7 @@ def test_train_loader_is_independent_of_workers(synthetic_root: Path) -> None:
     sampler = GlobalBatchSampler(len(unlabeled), 4, 1, 0, 1, steps_per_epoch=2, seed=0)
     batch = next(iter(build_train_loader(unlabeled, sampler, 0, False, True, 2)))
     assert "mask" not in batch and batch["image"].shape == (4, 3, 32, 32)
+    assert batch["valid"].shape == (4, 32, 32) and batch["valid"].dtype == torch.bool
 
 
 def test_eval_loader_shards_cover_every_image_once(synthetic_root: Path) -> None:

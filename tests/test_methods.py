@@ -16,11 +16,23 @@ NUM_CLASSES = 3
 
 
 def tiny_cfg(method: str = "pcr", *extra: str):
-    return load_config(None, [
-        "data.root=unused", f"data.num_classes={NUM_CLASSES}", "model.backbone=resnet18",
-        "model.output_stride=16", f"method.name={method}", "method.warmup_epochs=0",
-        "method.prototypes_per_class=2", "method.sample_grid=8", "method.mix_prob=1.0",
-        "method.confidence_threshold=0.0", "train.loss=ce", *extra])
+    return load_config(
+        None,
+        [
+            "data.root=unused",
+            f"data.num_classes={NUM_CLASSES}",
+            "model.backbone=resnet18",
+            "model.output_stride=16",
+            f"method.name={method}",
+            "method.warmup_epochs=0",
+            "method.prototypes_per_class=2",
+            "method.sample_grid=8",
+            "method.mix_prob=1.0",
+            "method.confidence_threshold=0.0",
+            "train.loss=ce",
+            *extra,
+        ],
+    )
 
 
 def make_method(method: str = "pcr", *extra: str):
@@ -34,8 +46,10 @@ def make_method(method: str = "pcr", *extra: str):
 
 def batches(b=2, h=33, w=41):
     gen = torch.Generator().manual_seed(1)
-    labeled = {"image": torch.randn(b, 3, h, w, generator=gen),
-               "mask": torch.randint(0, NUM_CLASSES, (b, h, w), generator=gen)}
+    labeled = {
+        "image": torch.randn(b, 3, h, w, generator=gen),
+        "mask": torch.randint(0, NUM_CLASSES, (b, h, w), generator=gen),
+    }
     labeled["mask"][:, :2] = 255
     unlabeled = {"image": torch.randn(b, 3, h, w, generator=gen)}
     return labeled, unlabeled
@@ -108,7 +122,8 @@ def test_masked_ce_keeps_exactly_the_confident_pixels():
     per_pixel = torch.nn.functional.cross_entropy(logits, target, reduction="none")
     expected = per_pixel[keep].sum() / valid.sum()
     assert masked_cross_entropy(logits, target, keep, valid).item() == pytest.approx(
-        expected.item(), rel=1e-5)
+        expected.item(), rel=1e-5
+    )
     none = masked_cross_entropy(logits, target, torch.zeros_like(keep), valid)
     assert none.item() == 0.0
 
@@ -124,8 +139,9 @@ def test_ohem_keeps_hard_pixels_and_min_kept():
     assert got.item() == pytest.approx(per[prob <= 0.7].mean().item(), rel=1e-5)
     # min_kept=3 raises the cut to the third-lowest probability
     got3 = ohem_cross_entropy(logits, target, threshold=0.7, min_kept=3)
-    assert got3.item() == pytest.approx(per.sort(descending=True).values[:3].mean().item(),
-                                        rel=1e-5)
+    assert got3.item() == pytest.approx(
+        per.sort(descending=True).values[:3].mean().item(), rel=1e-5
+    )
     ignored = torch.full_like(target, 255)
     assert SegmentationLoss("ohem")(logits, ignored).item() == 0.0
 

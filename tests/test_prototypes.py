@@ -86,8 +86,9 @@ def test_update_matches_naive_loop(rule):
 
 def test_update_only_moves_own_class_nearest_prototype():
     bank = make_bank(c=2, m=2, d=4, momentum=0.5)
-    bank.prototypes.copy_(torch.tensor([[[1.0, 0, 0, 0], [0, 1.0, 0, 0]],
-                                        [[1.0, 0.1, 0, 0], [0, 0, 1.0, 0]]]))
+    bank.prototypes.copy_(
+        torch.tensor([[[1.0, 0, 0, 0], [0, 1.0, 0, 0]], [[1.0, 0.1, 0, 0], [0, 0, 1.0, 0]]])
+    )
     before = bank.prototypes.clone()
     # Closest overall to class 1's first prototype, but labelled 0: must move class 0's first.
     bank.update(torch.tensor([[1.0, 0.1, 0, 0]]), torch.tensor([0]))
@@ -181,8 +182,7 @@ def _free_port() -> int:
 def _sync_worker(rank: int, port: int, feats, labels, queue) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     bank = make_bank(c=3, m=2, d=8)
     half = feats.shape[0] // 2
     part = slice(rank * half, (rank + 1) * half)
@@ -199,8 +199,9 @@ def test_two_process_update_gives_identical_banks_equal_to_one_process():
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = _free_port()
-    procs = [ctx.Process(target=_sync_worker, args=(r, port, feats, labels, queue))
-             for r in range(2)]
+    procs = [
+        ctx.Process(target=_sync_worker, args=(r, port, feats, labels, queue)) for r in range(2)
+    ]
     for p in procs:
         p.start()
     results = dict(queue.get() for _ in range(2))

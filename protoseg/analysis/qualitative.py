@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from protoseg.analysis.predict import Predictor
-from protoseg.data import colorize
+from protoseg.analysis.discrimination import checkpoint_names
+from protoseg.analysis.predict import Predictor, load
+from protoseg.config import Config, EvalConfig
+from protoseg.data import build_dataset, colorize, eval_transform
 
 
 def prediction_grid(
@@ -19,6 +21,7 @@ def prediction_grid(
     palette: Sequence[tuple[int, int, int]],
     path: str | Path,
     ignore_index: int = 255,
+    eval_cfg: EvalConfig | None = None,
 ) -> Path:
     """Save a PNG grid, one row per image: input, ground truth, then one column per model."""
     import matplotlib
@@ -28,8 +31,9 @@ def prediction_grid(
 
     columns = ["image", "ground truth", *predictors]
     rows = len(images)
-    fig, axes = plt.subplots(rows, len(columns), figsize=(2.2 * len(columns), 2.2 * rows),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        rows, len(columns), figsize=(2.2 * len(columns), 2.2 * rows), squeeze=False
+    )
     for r, (image, mask) in enumerate(zip(images, masks)):
         panels = [np.asarray(image.convert("RGB"))]
         if mask is None:
@@ -37,7 +41,7 @@ def prediction_grid(
         else:
             panels.append(colorize(np.where(mask == ignore_index, 255, mask), palette))
         for predictor in predictors.values():
-            panels.append(colorize(predictor.predict(image), palette))
+            panels.append(colorize(predictor.predict(image, eval_cfg), palette))
         for c, panel in enumerate(panels):
             ax = axes[r][c]
             ax.imshow(panel)
@@ -51,3 +55,49 @@ def prediction_grid(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def load_val_examples(
+    cfg: Config, names: Sequence[str] | None = None, count: int = 4, seed: int = 0
+) -> tuple[list[str], list[Image.Image], list[np.ndarray]]:
+    """Named (or ``count`` randomly drawn) validation images and masks, via the layout reader."""
+    dataset = build_dataset(cfg.data, "val", eval_transform(cfg.data))
+    listed = [sample.name for sample in dataset.samples]
+    if names:
+        where = {name: i for i, name in enumerate(listed)}
+        unknown = [n for n in names if n not in where]
+        if unknown:
+            raise ValueError(
+                f"{', '.join(unknown)} not in the validation split "
+                f"{cfg.data.val_split} (names look like {listed[0]!r})"
+            )
+        indices = [where[n] for n in names]
+    else:
+        if count < 1:
+            raise ValueError(f"--count must be >= 1, got {count}")
+        rng = np.random.default_rng(seed)
+        indices = sorted(rng.choice(len(listed), size=min(count, len(listed)), replace=False))
+    images = [dataset.load_image(int(i)) for i in indices]
+    masks = [dataset.load_mask(int(i), image.size) for i, image in zip(indices, images)]
+    return [listed[int(i)] for i in indices], images, masks  # type: ignore[return-value]
+
+
+def qualitative_figure(
+    checkpoints: Sequence[str | Path],
+    cfg: Config,
+    path: str | Path,
+    names: Sequence[str] | None = None,
+    images: Sequence[str] | None = None,
+    count: int = 4,
+    seed: int = 0,
+    device: str = "auto",
+    head: str = "linear",
+) -> Path:
+    """Figures 4-5: image / ground truth / each checkpoint's prediction on validation images."""
+    titles = checkpoint_names(checkpoints, names)
+    predictors = {t: load(c, device=device, head=head) for t, c in zip(titles, checkpoints)}
+    _, pictures, masks = load_val_examples(cfg, images, count, seed)
+    palette = next(iter(predictors.values())).palette
+    return prediction_grid(
+        predictors, pictures, masks, palette, path, cfg.data.ignore_index, cfg.eval
+    )

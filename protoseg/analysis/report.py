@@ -60,8 +60,9 @@ def training_curves(rows: Sequence[Any], path: Path) -> Path:
     return path
 
 
-def load_val_examples(data_root: Path, count: int, mask_dir: str = "SegmentationClass"
-                      ) -> tuple[list[Image.Image], list[np.ndarray]]:
+def load_val_examples(
+    data_root: Path, count: int, mask_dir: str = "SegmentationClass"
+) -> tuple[list[Image.Image], list[np.ndarray]]:
     """The first ``count`` validation images and masks of a VOC-layout folder."""
     names = read_split(data_root / "splits" / "val.txt")[:count]
     images = [Image.open(data_root / "JPEGImages" / f"{n}.jpg").convert("RGB") for n in names]
@@ -69,8 +70,9 @@ def load_val_examples(data_root: Path, count: int, mask_dir: str = "Segmentation
     return images, masks
 
 
-def write_demo_report(out: Path, rows: Sequence[Any], class_names: list[str], data_root: Path,
-                      examples: int = 4) -> Path:
+def write_demo_report(
+    out: Path, rows: Sequence[Any], class_names: list[str], data_root: Path, examples: int = 4
+) -> Path:
     """Write ``report.md`` with the table, a bar chart, training curves and a prediction grid."""
     out = Path(out)
     charts = [miou_bar_chart(rows, out / "miou.png"), training_curves(rows, out / "curves.png")]
@@ -78,8 +80,11 @@ def write_demo_report(out: Path, rows: Sequence[Any], class_names: list[str], da
     images, masks = load_val_examples(data_root, examples)
     palette = next(iter(predictors.values())).palette if predictors else []
     charts.append(prediction_grid(predictors, images, masks, palette, out / "predictions.png"))
-    header = "| run | labelled | mIoU (final) | mIoU (best) | " + " | ".join(class_names) \
+    header = (
+        "| run | labelled | mIoU (final) | mIoU (best) | "
+        + " | ".join(class_names)
         + " | train s |"
+    )
     lines = [
         "# protoseg demo report",
         "",
@@ -91,8 +96,10 @@ def write_demo_report(out: Path, rows: Sequence[Any], class_names: list[str], da
     ]
     for r in rows:
         ious = " | ".join(f"{v:.1f}" if v == v else "-" for v in r.iou)
-        lines.append(f"| {r.name} | {r.labeled} | {r.miou:.2f} | {r.best_miou:.2f} | {ious} | "
-                     f"{r.seconds:.0f} |")
+        lines.append(
+            f"| {r.name} | {r.labeled} | {r.miou:.2f} | {r.best_miou:.2f} | {ious} | "
+            f"{r.seconds:.0f} |"
+        )
     lines += ["", *[f"![{c.stem}]({c.name})" for c in charts], ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))

@@ -41,6 +41,11 @@ CITYSCAPES_LABEL_ID_TO_TRAIN_ID: np.ndarray = _cityscapes_table()
 CITYSCAPES_LABEL_ID_TO_TRAIN_ID.setflags(write=False)
 
 
+def data_root(cfg: DataConfig) -> Path:
+    """data.root as a path ('~' expanded)."""
+    return Path(cfg.root).expanduser()
+
+
 def _relative(line: str) -> PurePosixPath:
     """A split entry as a path below data.root (a leading '/' is dropped, as U2PL does)."""
     rel = PurePosixPath(line.replace("\\", "/").lstrip("/"))
@@ -51,7 +56,7 @@ def _relative(line: str) -> PurePosixPath:
 
 def read_voc(cfg: DataConfig, line: str, needs_mask: bool) -> Sample:
     """VOC: 'name' -> JPEGImages/name.jpg + SegmentationClassAug/name.png, or 'image mask'."""
-    root = Path(cfg.root)
+    root = data_root(cfg)
     parts = line.split()
     if len(parts) == 1:
         name = parts[0]
@@ -63,7 +68,8 @@ def read_voc(cfg: DataConfig, line: str, needs_mask: bool) -> Sample:
         image, mask = root / image_rel, root / mask_rel
     else:
         raise DataError(
-            f"entry {line!r} has {len(parts)} fields; a VOC line is 'name' or 'image_path mask_path'"
+            f"entry {line!r} has {len(parts)} fields; a VOC line is 'name' or "
+            f"'image_path mask_path'"
         )
     return Sample(name=name, image=image, mask=mask if needs_mask else None)
 
@@ -79,9 +85,10 @@ def read_cityscapes(cfg: DataConfig, line: str, needs_mask: bool) -> Sample:
             f"entry {line!r} is not a Cityscapes image path; expected "
             f"leftImg8bit/<split>/<city>/<name>{_CITY_IMAGE_SUFFIX} (is data.layout right?)"
         )
-    root = Path(cfg.root)
+    root = data_root(cfg)
     middle = rel.parts[1:-1]
     name = rel.name[: -len(_CITY_IMAGE_SUFFIX)]
+    # data.image_dir / data.mask_dir replace the leading leftImg8bit / gtFine folder.
     image = root.joinpath(cfg.image_dir or rel.parts[0], *middle, rel.name)
     if not needs_mask:
         return Sample(name=name, image=image, mask=None)
@@ -99,7 +106,7 @@ _FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 
 def read_folder(cfg: DataConfig, line: str, needs_mask: bool) -> Sample:
     """Folder: images/<name>.(jpg|jpeg|png) + masks/<name>.png; unlabelled images need no mask."""
-    root = Path(cfg.root)
+    root = data_root(cfg)
     image_dir = root / (cfg.image_dir or "images")
     rel = _relative(line)
     candidates = [image_dir / f"{rel}{ext}" for ext in _FOLDER_EXTENSIONS]
@@ -147,6 +154,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     ``dataset[i]`` uses the ambient torch RNG; ``dataset[(i, seed)]`` augments under its own
     seed, so the result depends only on (i, seed) and not on which worker or rank loads it.
+    Items hold image, index, name, size (H0, W0), and mask for labelled samples; unlabelled
+    ones carry ``valid`` instead, a bool (H, W) map that is False on crop padding.
     """
 
     def __init__(
@@ -174,6 +183,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
             )
         # Masks travel as uint8 through the transforms when every id fits (faster resizes).
         self._small_ids = num_classes <= 256 and 0 <= ignore_index <= 255
+        # Label value of real pixels in the padding probe of unlabelled images: any non-ignore.
+        self._real_marker = 1 if ignore_index == 0 else 0
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -241,12 +252,17 @@ class SegmentationDataset(torch.utils.data.Dataset):
         index %= len(self)
         image = self.load_image(index)
         mask = self.load_mask(index, image.size)
+        probe = None
+        if mask is None:
+            # An all-"real" stand-in label rides through the same geometry, so the crop's
+            # padding is known for unlabelled images too (item["valid"]).
+            probe = np.full((image.height, image.width), self._real_marker, np.uint8)
         if aug_seed is None:
-            image_t, mask_t = self.transform(image, mask)
+            image_t, mask_t = self.transform(image, mask if probe is None else probe)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(aug_seed)
-                image_t, mask_t = self.transform(image, mask)
+                image_t, mask_t = self.transform(image, mask if probe is None else probe)
         item: dict[str, Any] = {
             "image": image_t,
             "index": index,
@@ -254,7 +270,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
             "size": (image.height, image.width),
         }
         if mask_t is not None:
-            item["mask"] = mask_t
+            if probe is None:
+                item["mask"] = mask_t
+            else:
+                item["valid"] = mask_t == self._real_marker
         return item
 
 
@@ -279,12 +298,12 @@ def split_path(cfg: DataConfig, split: str) -> Path:
             )
         raise DataError(f"data.{key} is empty; set it to the {split} split file")
     path = Path(value).expanduser()
-    return path if path.is_absolute() else Path(cfg.root) / path
+    return path if path.is_absolute() else data_root(cfg) / path
 
 
 def build_dataset(cfg: DataConfig, split: str, transform: Transform) -> SegmentationDataset:
     """The dataset of one split ('labeled', 'unlabeled' or 'val') as configured by cfg."""
-    root = Path(cfg.root).expanduser()
+    root = data_root(cfg)
     if not root.is_dir():
         raise DataError(
             f"data.root={cfg.root!r} ({root.absolute()}) does not exist: download the dataset "

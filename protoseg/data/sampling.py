@@ -119,18 +119,19 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
 
 
 def collate_samples(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors of dataset items; keep 'name' as a list of str and 'size' of (H, W)."""
+    """Stack the tensors of dataset items; 'name' stays a list of str, 'size' of (H, W) tuples."""
     batch: dict[str, Any] = {
         "image": torch.stack([item["image"] for item in items]),
         "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
         "name": [item["name"] for item in items],
         "size": [tuple(item["size"]) for item in items],
     }
-    has_mask = ["mask" in item for item in items]
-    if all(has_mask):
-        batch["mask"] = torch.stack([item["mask"] for item in items])
-    elif any(has_mask):
-        raise ValueError("a batch mixes labelled and unlabelled samples; keep them apart")
+    for key in ("mask", "valid"):
+        present = [key in item for item in items]
+        if all(present):
+            batch[key] = torch.stack([item[key] for item in items])
+        elif any(present):
+            raise ValueError("a batch mixes labelled and unlabelled samples; keep them apart")
     return batch
 
 
@@ -150,7 +151,8 @@ def build_train_loader(
         dataset,
         batch_sampler=sampler,
         num_workers=workers,
-        pin_memory=pin_memory,
+        # Pinning only helps host-to-GPU copies; without CUDA it merely warns.
+        pin_memory=pin_memory and torch.cuda.is_available(),
         collate_fn=collate_samples,
         **extra,
     )
@@ -199,5 +201,6 @@ def split_batch_sizes(global_batch: int, world_size: int, max_device_batch: int)
     per_rank = global_batch // world_size
     if max_device_batch == 0 or max_device_batch >= per_rank:
         return per_rank, 1
-    accum = next(a for a in range(2, per_rank + 1) if per_rank % a == 0 and per_rank // a <= max_device_batch)
+    fits = (a for a in range(2, per_rank + 1) if per_rank % a == 0)
+    accum = next(a for a in fits if per_rank // a <= max_device_batch)
     return per_rank // accum, accum

@@ -56,10 +56,8 @@ def write_split(path: str | Path, names: Sequence[str]) -> None:
     path.write_text("".join(f"{name}\n" for name in names))
 
 
-def make_split(
-    names: Sequence[str], num_labeled: int, seed: int
-) -> tuple[list[str], list[str]]:
-    """Draw num_labeled names at random (fixed by seed); return (labeled, unlabeled) in input order."""
+def make_split(names: Sequence[str], num_labeled: int, seed: int) -> tuple[list[str], list[str]]:
+    """Draw num_labeled names at random (fixed by seed); both lists keep the input order."""
     if not 1 <= num_labeled <= len(names):
         raise DataError(
             f"num_labeled={num_labeled} must lie in [1, {len(names)}] (the number of names)"

@@ -184,7 +184,9 @@ def _background(height: int, width: int, rng: np.random.Generator) -> np.ndarray
     image = a * (1.0 - ramp[..., None]) + b * ramp[..., None]
     coarse = rng.normal(0.0, 18.0, size=(4, 4, 3)).astype(np.float32)
     blotches = [
-        np.asarray(Image.fromarray(coarse[..., c]).resize((width, height), Image.BILINEAR))
+        np.asarray(
+            Image.fromarray(coarse[..., c]).resize((width, height), Image.Resampling.BILINEAR)
+        )
         for c in range(3)
     ]
     image += np.stack(blotches, axis=-1)

@@ -32,7 +32,9 @@ class RandomRescale(v2.Transform):
     def __init__(self, low: float, high: float) -> None:
         super().__init__()
         if not 0 < low <= high:
-            raise DataError(f"scale range [{low}, {high}] needs 0 < min <= max; fix data.scale_range")
+            raise DataError(
+                f"scale range [{low}, {high}] needs 0 < min <= max; fix data.scale_range"
+            )
         self.low, self.high = float(low), float(high)
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:

@@ -42,7 +42,7 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
 
 
 def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a protoseg checkpoint or model file; CheckpointError says what is wrong and what to do."""
+    """Read a protoseg checkpoint or model file; CheckpointError says what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -52,10 +52,13 @@ def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(
             f"{path}: cannot be read as a checkpoint ({type(exc).__name__}: {exc}). The file is "
             "truncated or not a protoseg checkpoint: delete it to resume from the previous one, "
-            "or point --checkpoint at another file") from None
+            "or point --checkpoint at another file"
+        ) from None
     if not isinstance(data, dict) or data.get("format") not in (MODEL_FORMAT, TRAINING_FORMAT):
-        raise CheckpointError(f"{path}: not a protoseg checkpoint (no 'format' entry); "
-                              "was it written by protoseg train?")
+        raise CheckpointError(
+            f"{path}: not a protoseg checkpoint (no 'format' entry); "
+            "was it written by protoseg train?"
+        )
     return data
 
 
@@ -69,8 +72,9 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir()
-             if (m := CHECKPOINT_PATTERN.match(p.name))]
+    found = [
+        (int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -88,8 +92,11 @@ def prune_checkpoints(folder: str | Path, keep_last: int) -> None:
 
 def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch (CPU and CUDA) generator states."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -104,8 +111,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def load_state_strict(module: torch.nn.Module, state: dict[str, Any], path: str | Path,
-                      what: str = "model") -> None:
+def load_state_strict(
+    module: torch.nn.Module, state: dict[str, Any], path: str | Path, what: str = "model"
+) -> None:
     """load_state_dict that turns key/shape mismatches into a CheckpointError naming the file."""
     try:
         module.load_state_dict(state, strict=True)
@@ -113,4 +121,5 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, Any], path: str 
         first = str(exc).splitlines()[:4]
         raise CheckpointError(
             f"{path}: the {what} weights do not fit this configuration (different backbone, "
-            f"number of classes or method?): {' '.join(first)}") from None
+            f"number of classes or method?): {' '.join(first)}"
+        ) from None

@@ -17,8 +17,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> SGD:
         backbone, decoder = [], list(model.parameters())
     groups = [
         {"params": [p for p in backbone if p.requires_grad], "lr": cfg.lr, "name": "backbone"},
-        {"params": [p for p in decoder if p.requires_grad], "lr": cfg.lr * cfg.decoder_lr_mult,
-         "name": "decoder"},
+        {
+            "params": [p for p in decoder if p.requires_grad],
+            "lr": cfg.lr * cfg.decoder_lr_mult,
+            "name": "decoder",
+        },
     ]
     groups = [g for g in groups if g["params"]]
     return SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

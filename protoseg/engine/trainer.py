@@ -74,8 +74,7 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype
         return torch.bfloat16, False
     if device.type == "cuda":
         return torch.float16, True
-    log.warning("precision=fp16 needs CUDA (a loss scaler); using bf16 autocast on %s",
-                device.type)
+    log.warning("precision=fp16 needs CUDA (a loss scaler); using bf16 autocast on %s", device.type)
     return torch.bfloat16, False
 
 
@@ -121,8 +120,9 @@ def model_payload(cfg: Config, method: Method, head: str = "linear") -> dict[str
 class Trainer:
     """Builds data, model, method and optimiser from a Config and runs the loop."""
 
-    def __init__(self, cfg: Config, dist_info: DistInfo | None = None,
-                 device: torch.device | None = None) -> None:
+    def __init__(
+        self, cfg: Config, dist_info: DistInfo | None = None, device: torch.device | None = None
+    ) -> None:
         if dist_info is None or device is None:
             dist_info, device = init_distributed(cfg.train.device)
         self.cfg, self.dist, self.device = cfg, dist_info, device
@@ -139,13 +139,17 @@ class Trainer:
         self.method = create_method(cfg.method.name, model, cfg).to(device)
         self.method.setup(self.steps_per_epoch)
         if self.method.uses_unlabeled and self.unlabeled_set is None:
-            raise ValueError(f"method {cfg.method.name!r} learns from unlabelled images: set "
-                             "data.unlabeled_split to a split file of unlabelled images")
+            raise ValueError(
+                f"method {cfg.method.name!r} learns from unlabelled images: set "
+                "data.unlabeled_split to a split file of unlabelled images"
+            )
         forward: nn.Module = model
         if dist_info.enabled:
             forward = DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=self.method.find_unused_parameters)
+                model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=self.method.find_unused_parameters,
+            )
         if cfg.train.compile:
             forward = torch.compile(forward)  # type: ignore[assignment]
         self.method.set_student_forward(forward)
@@ -163,26 +167,43 @@ class Trainer:
         cfg = self.cfg
         self.labeled_set = build_dataset(cfg.data, "labeled", train_transform(cfg.data))
         needs_unlabeled = cfg.method.name != "supervised" and bool(cfg.data.unlabeled_split)
-        self.unlabeled_set = (build_dataset(cfg.data, "unlabeled", train_transform(cfg.data))
-                              if needs_unlabeled else None)
+        self.unlabeled_set = (
+            build_dataset(cfg.data, "unlabeled", train_transform(cfg.data))
+            if needs_unlabeled
+            else None
+        )
         self.val_set = build_dataset(cfg.data, "val", eval_transform(cfg.data))
         epoch_set = self.labeled_set
         if cfg.data.epoch_over == "unlabeled" and cfg.data.unlabeled_split:
             epoch_set = self.unlabeled_set or build_dataset(cfg.data, "unlabeled", None)
         self.steps_per_epoch = steps_per_epoch(len(epoch_set), cfg.train.batch_size)
         self.total_steps = cfg.train.iterations or max(
-            1, int(round(cfg.train.epochs * self.steps_per_epoch)))
+            1, int(round(cfg.train.epochs * self.steps_per_epoch))
+        )
         self.micro_batch, self.accum_steps = split_batch_sizes(
-            cfg.train.batch_size, self.dist.world_size, cfg.train.max_device_batch)
+            cfg.train.batch_size, self.dist.world_size, cfg.train.max_device_batch
+        )
 
     def _train_loader(self, dataset, start_step: int, salt: int):
         cfg = self.cfg
-        sampler = GlobalBatchSampler(len(dataset), cfg.train.batch_size, self.accum_steps,
-                                     self.dist.rank, self.dist.world_size, self.steps_per_epoch,
-                                     cfg.train.seed + salt, start_step)
-        return build_train_loader(dataset, sampler, cfg.data.workers,
-                                  cfg.data.pin_memory and self.device.type == "cuda",
-                                  cfg.data.persistent_workers, cfg.data.prefetch_factor)
+        sampler = GlobalBatchSampler(
+            len(dataset),
+            cfg.train.batch_size,
+            self.accum_steps,
+            self.dist.rank,
+            self.dist.world_size,
+            self.steps_per_epoch,
+            cfg.train.seed + salt,
+            start_step,
+        )
+        return build_train_loader(
+            dataset,
+            sampler,
+            cfg.data.workers,
+            cfg.data.pin_memory and self.device.type == "cuda",
+            cfg.data.persistent_workers,
+            cfg.data.prefetch_factor,
+        )
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         moved = {}
@@ -227,8 +248,10 @@ class Trainer:
         """Restore model, teacher, bank, optimiser, schedule, scaler, step and RNG states."""
         data = load_file(path, map_location=self.device)
         if data.get("format") != "protoseg-training/1":
-            raise CheckpointError(f"{path}: a model file, not a training checkpoint; "
-                                  "resume needs a checkpoints/step_*.pt file")
+            raise CheckpointError(
+                f"{path}: a model file, not a training checkpoint; "
+                "resume needs a checkpoints/step_*.pt file"
+            )
         load_state_strict(self.method, data["method"], path, "method")
         self.optimizer.load_state_dict(data["optimizer"])
         self.scheduler.load_state_dict(data["scheduler"])
@@ -253,8 +276,12 @@ class Trainer:
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self, desc: str = "eval") -> dict[str, EvalResult]:
         """Evaluate each reported head on the validation set (all ranks take part)."""
-        loader = build_eval_loader(self.val_set, self.dist.rank, self.dist.world_size,
-                                   workers=min(self.cfg.data.workers, 2))
+        loader = build_eval_loader(
+            self.val_set,
+            self.dist.rank,
+            self.dist.world_size,
+            workers=min(self.cfg.data.workers, 2),
+        )
         heads = ["linear"]
         if self.cfg.eval.prototype_head and "prototype" in self.method.heads:
             heads.append("prototype")
@@ -264,10 +291,16 @@ class Trainer:
         for head in heads:
             model = self.method.inference_model(head)
             with self._autocast():
-                results[head] = evaluate(model, loader, self.cfg.data.num_classes, self.cfg.eval,
-                                         self.device, self.cfg.data.ignore_index,
-                                         progress=self.cfg.train.progress and self.dist.is_main,
-                                         desc=f"{desc} ({head})")
+                results[head] = evaluate(
+                    model,
+                    loader,
+                    self.cfg.data.num_classes,
+                    self.cfg.eval,
+                    self.device,
+                    self.cfg.data.ignore_index,
+                    progress=self.cfg.train.progress and self.dist.is_main,
+                    desc=f"{desc} ({head})",
+                )
         return results
 
     def _autocast(self):
@@ -284,16 +317,22 @@ class Trainer:
         return WarmupContext(loader, self.device, self.cfg.train.seed)
 
     def _grad_norm(self) -> float:
-        norms = [p.grad.detach().float().norm() for p in self.method.model.parameters()
-                 if p.grad is not None]
+        norms = [
+            p.grad.detach().float().norm()
+            for p in self.method.model.parameters()
+            if p.grad is not None
+        ]
         if not norms:
             return 0.0
         return float(torch.linalg.vector_norm(torch.stack(norms)))
 
     def _nonfinite(self, logs: dict[str, float], grad_norm: float) -> None:
         bad = [k for k, v in logs.items() if not math.isfinite(v)]
-        what = (", ".join(f"{k}={logs[k]}" for k in bad) if bad
-                else f"gradient norm {grad_norm} (loss terms finite on this rank)")
+        what = (
+            ", ".join(f"{k}={logs[k]}" for k in bad)
+            if bad
+            else f"gradient norm {grad_norm} (loss terms finite on this rank)"
+        )
         if self.cfg.train.on_nonfinite == "skip":
             log.warning("step %d: non-finite %s; skipping the update", self.step, what)
             self.optimizer.zero_grad(set_to_none=True)
@@ -302,10 +341,15 @@ class Trainer:
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
         raise NonFiniteLossError(
             f"step {self.step}: non-finite {what}; training stopped and {kept}. Lower optim.lr, "
-            "check the data, or set train.on_nonfinite=skip to skip such steps")
+            "check the data, or set train.on_nonfinite=skip to skip such steps"
+        )
 
-    def fit(self) -> TrainResult:
-        """Train to ``total_steps`` (resuming if asked), evaluate, and write the model files."""
+    def fit(self, max_steps: int | None = None) -> TrainResult:
+        """Train to ``total_steps`` (resuming if asked), evaluate, and write the model files.
+
+        ``max_steps`` stops early at that step with a checkpoint and no evaluation (for
+        time-limited jobs); a later ``fit`` resumes from it and ends exactly as one run would.
+        """
         cfg, is_main = self.cfg, self.dist.is_main
         if is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -317,25 +361,39 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
-            log.info("training %s for %d steps (%d per epoch), total batch %d = %d process(es) "
-                     "x %d micro-batch x %d accumulation", cfg.method.name, self.total_steps,
-                     self.steps_per_epoch, cfg.train.batch_size, self.dist.world_size,
-                     self.micro_batch, self.accum_steps)
-        labeled_iter = iter(self._train_loader(self.labeled_set, self.step, salt=0))
-        unlabeled_iter = (iter(self._train_loader(self.unlabeled_set, self.step, salt=1))
-                          if self.unlabeled_set is not None and self.method.uses_unlabeled
-                          else None)
+            log.info(
+                "training %s for %d steps (%d per epoch), total batch %d = %d process(es) "
+                "x %d micro-batch x %d accumulation",
+                cfg.method.name,
+                self.total_steps,
+                self.steps_per_epoch,
+                cfg.train.batch_size,
+                self.dist.world_size,
+                self.micro_batch,
+                self.accum_steps,
+            )
+        # Starting a DataLoader iterator draws from torch's global generator; isolating it
+        # keeps the method's random stream identical between a resumed and a straight run.
+        with torch.random.fork_rng(devices=[]):
+            labeled_iter = iter(self._train_loader(self.labeled_set, self.step, salt=0))
+            unlabeled_iter = (
+                iter(self._train_loader(self.unlabeled_set, self.step, salt=1))
+                if self.unlabeled_set is not None and self.method.uses_unlabeled
+                else None
+            )
         progress = None
         if is_main and cfg.train.progress:
             from tqdm.auto import tqdm
 
-            progress = tqdm(total=self.total_steps, initial=self.step, desc=cfg.method.name,
-                            dynamic_ncols=True)
+            progress = tqdm(
+                total=self.total_steps, initial=self.step, desc=cfg.method.name, dynamic_ncols=True
+            )
         self.method.train()
         started = time.perf_counter()
         running: dict[str, float] = {}
         running_n = 0
-        while self.step < self.total_steps:
+        stop_at = min(self.total_steps, max_steps or self.total_steps)
+        while self.step < stop_at:
             if self.step >= self.method.warmup_steps and self.method.needs_warmup_hook():
                 self.method.on_warmup_end(self._warmup_context())
                 self.method.train()
@@ -355,18 +413,27 @@ class Trainer:
                     progress.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{means['lr']:.2e}")
                 self.history.append({"step": self.step, **means})
                 running, running_n = {}, 0
-            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 \
-                    and self.step < self.total_steps:
+            if (
+                cfg.train.eval_every
+                and self.step % cfg.train.eval_every == 0
+                and self.step < self.total_steps
+            ):
                 self._periodic_eval()
             if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                 self.save_checkpoint()
         if progress is not None:
             progress.close()
         seconds = time.perf_counter() - started
+        if self.step < self.total_steps:
+            self.save_checkpoint()
+            if is_main:
+                self.writer.close()
+            return TrainResult(self.out_dir, self.step, seconds=seconds, history=self.history)
         final = self.evaluate("final")
         self._track_best(final)
-        result = TrainResult(self.out_dir, self.step, final, self.best, self.best_step, seconds,
-                             self.history)
+        result = TrainResult(
+            self.out_dir, self.step, final, self.best, self.best_step, seconds, self.history
+        )
         self.save_checkpoint()
         if is_main:
             self._write_outputs(final)
@@ -377,8 +444,9 @@ class Trainer:
         ddp = self.method._student_forward[0]
         for micro in range(self.accum_steps):
             labeled = self._to_device(next(labeled_iter))
-            unlabeled = (self._to_device(next(unlabeled_iter)) if unlabeled_iter is not None
-                         else None)
+            unlabeled = (
+                self._to_device(next(unlabeled_iter)) if unlabeled_iter is not None else None
+            )
             sync = micro == self.accum_steps - 1 or not isinstance(ddp, DistributedDataParallel)
             context = contextlib.nullcontext() if sync else ddp.no_sync()
             with context:
@@ -394,7 +462,8 @@ class Trainer:
         # DDP averaged the gradients, so every rank sees the same norm and decides alike;
         # the local loss terms only decide in a single process (they could differ by rank).
         finite = math.isfinite(grad_norm) and (
-            self.dist.enabled or all(math.isfinite(v) for v in totals.values()))
+            self.dist.enabled or all(math.isfinite(v) for v in totals.values())
+        )
         if finite or self.scaler.is_enabled():
             # With fp16 the scaler skips overflowing steps itself and lowers its scale.
             self.scaler.step(self.optimizer)
@@ -421,20 +490,24 @@ class Trainer:
         if self.dist.is_main:
             for head, res in results.items():
                 self.writer.add_scalar(f"val/miou_{head}", res.miou, self.step)
-            self.history.append({"step": self.step, **{f"val_miou_{h}": r.miou
-                                                       for h, r in results.items()}})
+            self.history.append(
+                {"step": self.step, **{f"val_miou_{h}": r.miou for h, r in results.items()}}
+            )
         self.method.train()
 
     def _write_outputs(self, final: dict[str, EvalResult]) -> None:
         names = self.cfg.data.class_names
         for head, res in final.items():
             self.writer.add_scalar(f"val/miou_{head}", res.miou, self.step)
-            save_result(res, self.out_dir / f"eval_final_{head}.json", names,
-                        {"step": self.step, "head": head, "mode": self.cfg.eval.mode})
+            save_result(
+                res,
+                self.out_dir / f"eval_final_{head}.json",
+                names,
+                {"step": self.step, "head": head, "mode": self.cfg.eval.mode},
+            )
             log.info("final (%s head) at step %d:\n%s", head, self.step, format_table(res, names))
         if self.best is not None:
-            save_result(self.best, self.out_dir / "eval_best.json", names,
-                        {"step": self.best_step})
+            save_result(self.best, self.out_dir / "eval_best.json", names, {"step": self.best_step})
         atomic_save(model_payload(self.cfg, self.method), self.out_dir / "model.pt")
         (self.out_dir / "history.json").write_text(json.dumps(self.history))
         self.writer.flush()

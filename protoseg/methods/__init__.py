@@ -26,5 +26,14 @@ def create_method(name: str, model: nn.Module, cfg: Config) -> Method:
     return METHODS[name](model, cfg)
 
 
-__all__ = ["METHODS", "Method", "TeacherStudentMethod", "WarmupContext", "CutMixSeg",
-           "MeanTeacher", "PCR", "Supervised", "create_method"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "TeacherStudentMethod",
+    "WarmupContext",
+    "CutMixSeg",
+    "MeanTeacher",
+    "PCR",
+    "Supervised",
+    "create_method",
+]

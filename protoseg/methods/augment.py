@@ -22,7 +22,7 @@ def half_area_boxes(batch: int, height: int, width: int, device: torch.device) -
         box_h = min(height, max(1, round(height * width / 2 / box_w)))
         x0 = int(torch.randint(0, width - box_w + 1, ()).item())
         y0 = int(torch.randint(0, height - box_h + 1, ()).item())
-        masks[i, y0:y0 + box_h, x0:x0 + box_w] = True
+        masks[i, y0 : y0 + box_h, x0 : x0 + box_w] = True
     return masks
 
 
@@ -66,8 +66,9 @@ def classmix(images: Tensor, labels: Tensor, conf: Tensor, valid: Tensor) -> Mix
 STRONG_AUGMENTATIONS = {"cutmix": cutmix, "cutout": cutout, "classmix": classmix}
 
 
-def strong_augment(name: str, prob: float, images: Tensor, labels: Tensor, conf: Tensor,
-                   valid: Tensor) -> MixOutput:
+def strong_augment(
+    name: str, prob: float, images: Tensor, labels: Tensor, conf: Tensor, valid: Tensor
+) -> MixOutput:
     """Apply the named augmentation to the whole batch with probability ``prob``."""
     if name not in STRONG_AUGMENTATIONS:
         raise ValueError(f"unknown strong augmentation {name!r}: {sorted(STRONG_AUGMENTATIONS)}")

@@ -46,8 +46,9 @@ class Method(nn.Module):
         self.method_cfg = cfg.method
         self.ignore_index = cfg.data.ignore_index
         self.num_classes = cfg.data.num_classes
-        self.criterion = SegmentationLoss(cfg.train.loss, cfg.data.ignore_index,
-                                          cfg.train.ohem_threshold, cfg.train.ohem_min_kept)
+        self.criterion = SegmentationLoss(
+            cfg.train.loss, cfg.data.ignore_index, cfg.train.ohem_threshold, cfg.train.ohem_min_kept
+        )
         self.aux_weight = cfg.train.aux_weight
         self.warmup_steps = 0
         # The module the student runs through (a DDP or compiled wrapper), kept out of
@@ -87,7 +88,7 @@ class Method(nn.Module):
         """True while only the supervised loss trains the student."""
         return step < self.warmup_steps
 
-    # ---- the interface ----------------------------------------------------------------------------
+    # ---- the interface ----------------------------------------------------------------
     def training_step(self, labeled: Batch, unlabeled: Batch | None, step: int) -> dict[str, Any]:
         """Loss of one (micro-)batch; labelled and unlabelled batches are dicts of tensors."""
         raise NotImplementedError

@@ -33,7 +33,8 @@ class CutMixSeg(TeacherStudentMethod):
         labels, conf = self.pseudo_label(x_u)
         valid = unlabeled_valid_mask(unlabeled, x_u)
         x_m, y_m, conf_m, valid_m = strong_augment(
-            self.method_cfg.strong_aug, self.method_cfg.mix_prob, x_u, labels, conf, valid)
+            self.method_cfg.strong_aug, self.method_cfg.mix_prob, x_u, labels, conf, valid
+        )
         keep = (conf_m >= self.method_cfg.confidence_threshold) & valid_m
         out = self.student(torch.cat([x_l, x_m]))
         n = x_l.shape[0]
@@ -43,8 +44,9 @@ class CutMixSeg(TeacherStudentMethod):
         logs["confident_fraction"] = (keep.sum() / valid_m.sum().clamp(min=1)).detach()
         return {"loss": loss, **logs}
 
-    def unlabeled_losses(self, out_l: dict, out_u: dict, y_l: Tensor, y_m: Tensor, keep: Tensor,
-                         valid_m: Tensor) -> tuple[Tensor, dict[str, Any]]:
+    def unlabeled_losses(
+        self, out_l: dict, out_u: dict, y_l: Tensor, y_m: Tensor, keep: Tensor, valid_m: Tensor
+    ) -> tuple[Tensor, dict[str, Any]]:
         """Linear-head losses on labelled and mixed unlabelled pixels."""
         loss_sup, logs = self.supervised_loss(out_l, y_l)
         loss_unsup = masked_cross_entropy(out_u["logits"], y_m, keep, valid_m)

@@ -8,7 +8,10 @@ from torch import Tensor
 
 
 def ohem_cross_entropy(
-    logits: Tensor, target: Tensor, ignore_index: int = 255, threshold: float = 0.7,
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int = 255,
+    threshold: float = 0.7,
     min_kept: int = 100000,
 ) -> Tensor:
     """CE over the hard pixels: target probability <= max(threshold, the min_kept-th lowest)."""
@@ -31,8 +34,13 @@ def ohem_cross_entropy(
 class SegmentationLoss:
     """The supervised criterion of a config: plain CE or OHEM, both ignoring ``ignore_index``."""
 
-    def __init__(self, kind: str = "ce", ignore_index: int = 255, ohem_threshold: float = 0.7,
-                 ohem_min_kept: int = 100000) -> None:
+    def __init__(
+        self,
+        kind: str = "ce",
+        ignore_index: int = 255,
+        ohem_threshold: float = 0.7,
+        ohem_min_kept: int = 100000,
+    ) -> None:
         if kind not in ("ce", "ohem"):
             raise ValueError(f"unknown loss {kind!r}: use ce or ohem")
         self.kind, self.ignore_index = kind, ignore_index
@@ -42,8 +50,9 @@ class SegmentationLoss:
         """The loss of (B, C, H, W) logits against (B, H, W) targets."""
         logits = logits.float()
         if self.kind == "ohem":
-            return ohem_cross_entropy(logits, target, self.ignore_index, self.ohem_threshold,
-                                      self.ohem_min_kept)
+            return ohem_cross_entropy(
+                logits, target, self.ignore_index, self.ohem_threshold, self.ohem_min_kept
+            )
         if not bool((target != self.ignore_index).any()):
             return logits.sum() * 0.0
         return F.cross_entropy(logits, target, ignore_index=self.ignore_index)

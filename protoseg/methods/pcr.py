@@ -36,9 +36,14 @@ class PCR(CutMixSeg):
     def __init__(self, model: nn.Module, cfg: Config) -> None:
         super().__init__(model, cfg)
         m = cfg.method
-        self.bank = PrototypeBank(cfg.data.num_classes, m.prototypes_per_class,
-                                  model.feature_dim, m.prototype_momentum, m.temperature,
-                                  cfg.data.ignore_index)
+        self.bank = PrototypeBank(
+            cfg.data.num_classes,
+            m.prototypes_per_class,
+            model.feature_dim,
+            m.prototype_momentum,
+            m.temperature,
+            cfg.data.ignore_index,
+        )
 
     @property
     def find_unused_parameters(self) -> bool:
@@ -63,8 +68,12 @@ class PCR(CutMixSeg):
             return super().pseudo_label(images)
         out = self.teacher_forward(images)
         with torch.no_grad():
-            logits = F.interpolate(self.bank.logits(out["features"]), size=images.shape[-2:],
-                                   mode="bilinear", align_corners=True)
+            logits = F.interpolate(
+                self.bank.logits(out["features"]),
+                size=images.shape[-2:],
+                mode="bilinear",
+                align_corners=True,
+            )
         conf, labels = torch.softmax(logits.float(), dim=1).max(dim=1)
         return labels, conf
 
@@ -72,12 +81,15 @@ class PCR(CutMixSeg):
     def training_step(self, labeled: Batch, unlabeled: Batch | None, step: int) -> dict[str, Any]:
         """CutMix-Seg's step with the prototype branch added after warm-up."""
         if not self.in_warmup(step) and not bool(self.bank.initialized):
-            raise RuntimeError("PCR's prototype bank is not initialised: the engine must call "
-                               "on_warmup_end before the first semi-supervised step")
+            raise RuntimeError(
+                "PCR's prototype bank is not initialised: the engine must call "
+                "on_warmup_end before the first semi-supervised step"
+            )
         return super().training_step(labeled, unlabeled, step)
 
-    def unlabeled_losses(self, out_l: dict, out_u: dict, y_l: Tensor, y_m: Tensor, keep: Tensor,
-                         valid_m: Tensor) -> tuple[Tensor, dict[str, Any]]:
+    def unlabeled_losses(
+        self, out_l: dict, out_u: dict, y_l: Tensor, y_m: Tensor, keep: Tensor, valid_m: Tensor
+    ) -> tuple[Tensor, dict[str, Any]]:
         """Eqs. 4-10: linear and prototype CE on labelled and confident mixed pixels."""
         m = self.method_cfg
         logs: dict[str, Any] = {}
@@ -99,19 +111,22 @@ class PCR(CutMixSeg):
             logits_l = self.bank.logits(feats_l.reshape(-1, dim))
             logits_u = self.bank.logits(feats_u.reshape(-1, dim))
             flat_l = target_l.reshape(-1)
-            loss_proto_sup = masked_cross_entropy(logits_l, flat_l, flat_l != self.ignore_index,
-                                                  flat_l != self.ignore_index)
+            loss_proto_sup = masked_cross_entropy(
+                logits_l, flat_l, flat_l != self.ignore_index, flat_l != self.ignore_index
+            )
             flat_u = target_u.reshape(-1)
-            loss_proto_unsup = masked_cross_entropy(logits_u, flat_u, flat_u != self.ignore_index,
-                                                    valid_m[:, cy, cx].reshape(-1))
+            loss_proto_unsup = masked_cross_entropy(
+                logits_u, flat_u, flat_u != self.ignore_index, valid_m[:, cy, cx].reshape(-1)
+            )
             loss = loss + m.proto_loss_weight * (loss_proto_sup + m.unsup_weight * loss_proto_unsup)
             logs["loss_proto_sup"] = loss_proto_sup.detach()
             logs["loss_proto_unsup"] = loss_proto_unsup.detach()
         if m.update_prototypes:
             feats = torch.cat([feats_l, feats_u]).detach()
             targets = torch.cat([target_l, target_u])
-            counts = self.bank.update(feats.reshape(-1, feats.shape[-1]), targets.reshape(-1),
-                                      m.update_rule)
+            counts = self.bank.update(
+                feats.reshape(-1, feats.shape[-1]), targets.reshape(-1), m.update_rule
+            )
             logs["prototypes_updated"] = float((counts > 0).float().mean())
         return loss, logs
 
@@ -126,11 +141,18 @@ class PCR(CutMixSeg):
             self.load_bank(self.method_cfg.init_bank)
         elif context.labeled_loader is not None:
             feats, labels = collect_class_features(
-                self.model, context.labeled_loader, context.device, self.num_classes,
-                self.method_cfg.init_pixels_per_class, self.ignore_index, context.seed)
+                self.model,
+                context.labeled_loader,
+                context.device,
+                self.num_classes,
+                self.method_cfg.init_pixels_per_class,
+                self.ignore_index,
+                context.seed,
+            )
             counts = self.bank.init_kmeans(feats, labels, seed=context.seed)
-            log.info("prototype bank initialised by k-means from %s labelled pixels per class",
-                     counts)
+            log.info(
+                "prototype bank initialised by k-means from %s labelled pixels per class", counts
+            )
         self.bank.broadcast_(0)
 
     def load_bank(self, path: str | Path) -> None:
@@ -138,21 +160,31 @@ class PCR(CutMixSeg):
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError) as exc:
-            raise ValueError(f"{path}: cannot read a prototype bank ({exc}); fix "
-                             "method.init_bank or leave it empty for k-means") from None
+            raise ValueError(
+                f"{path}: cannot read a prototype bank ({exc}); fix "
+                "method.init_bank or leave it empty for k-means"
+            ) from None
         protos = data.get("prototypes") if isinstance(data, dict) else data
         if not isinstance(protos, Tensor) or protos.shape != self.bank.prototypes.shape:
             got = tuple(protos.shape) if isinstance(protos, Tensor) else type(protos).__name__
-            raise ValueError(f"{path}: expected prototypes of shape "
-                             f"{tuple(self.bank.prototypes.shape)}, got {got}")
+            raise ValueError(
+                f"{path}: expected prototypes of shape "
+                f"{tuple(self.bank.prototypes.shape)}, got {got}"
+            )
         self.bank.prototypes.copy_(protos)
         self.bank.initialized.fill_(True)
 
 
 @torch.no_grad()
-def collect_class_features(model: nn.Module, loader, device: torch.device, num_classes: int,
-                           per_class: int, ignore_index: int = 255, seed: int = 0
-                           ) -> tuple[Tensor, Tensor]:
+def collect_class_features(
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    num_classes: int,
+    per_class: int,
+    ignore_index: int = 255,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
     """Features of randomly sampled labelled pixels, at most ``per_class`` per class.
 
     Each image contributes up to a fair share per class, so that a few large images do
@@ -181,12 +213,14 @@ def collect_class_features(model: nn.Module, loader, device: torch.device, num_c
             if not picks:
                 continue
             coords = torch.cat(picks)
-            sampled = gather_features(feats[b:b + 1], coords.to(device), tuple(target.shape))[0]
+            sampled = gather_features(feats[b : b + 1], coords.to(device), tuple(target.shape))[0]
             chunks.append((sampled.cpu(), target[coords[:, 0], coords[:, 1]]))
     model.train(was_training)
     if not chunks:
-        raise ValueError("no labelled pixels found to initialise the prototypes: check the "
-                         "labelled split and data.num_classes")
+        raise ValueError(
+            "no labelled pixels found to initialise the prototypes: check the "
+            "labelled split and data.num_classes"
+        )
     feats = torch.cat([f for f, _ in chunks])
     labels = torch.cat([lab for _, lab in chunks])
     keep = []

@@ -1,0 +1,183 @@
+"""Folder prediction: palette masks and side-by-side overlays for every image of some inputs.
+
+An unreadable image is skipped with a warning and listed in the returned summary (the
+command exits 1 when any were skipped), so one corrupt file does not stop a long run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from protoseg.analysis.predict import Predictor, to_rgb
+from protoseg.config import EvalConfig
+from protoseg.data import colorize, save_mask_png
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+OVERLAY_ALPHA = 0.5
+
+
+@dataclass
+class PredictSummary:
+    """What ``predict_paths`` wrote and which inputs it had to skip (path, reason)."""
+
+    masks: list[Path] = field(default_factory=list)
+    overlays: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def find_images(inputs: Sequence[str | Path], recursive: bool = False) -> list[tuple[Path, Path]]:
+    """(image, path relative to its input folder) for every image file the inputs name."""
+    found: list[tuple[Path, Path]] = []
+    missing = [str(p) for p in inputs if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"input not found: {', '.join(missing)}; pass image files or folders that exist"
+        )
+    for entry in map(Path, inputs):
+        if entry.is_file():
+            if entry.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise ValueError(
+                    f"{entry}: not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)})"
+                )
+            found.append((entry, Path(entry.name)))
+            continue
+        pattern = entry.rglob("*") if recursive else entry.iterdir()
+        found += sorted((p, p.relative_to(entry)) for p in pattern if _is_image(p))
+    if not found:
+        hint = "" if recursive else " (add --recursive to search sub-folders)"
+        raise FileNotFoundError(
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(map(str, inputs))}"
+            f"{hint}"
+        )
+    return found
+
+
+def _output_names(images: list[tuple[Path, Path]]) -> list[Path]:
+    """Output path stems (relative, no suffix); two inputs that would share one are an error."""
+    owners: dict[Path, Path] = {}
+    names = []
+    for path, rel in images:
+        name = rel.with_suffix("")
+        if name in owners:
+            raise ValueError(
+                f"{owners[name]} and {path} would both be written as {name}.png; "
+                "rename one or predict them into separate --out folders"
+            )
+        owners[name] = path
+        names.append(name)
+    return names
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Decode an image file fully into 8-bit RGB; ValueError names the file if that fails."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_rgb(image)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ValueError(f"{path}: cannot read image ({exc})") from None
+
+
+def overlay(
+    image: Image.Image,
+    mask: np.ndarray,
+    palette: Sequence[tuple[int, int, int]],
+    alpha: float = OVERLAY_ALPHA,
+) -> Image.Image:
+    """The image and, to its right, the image blended with the coloured mask."""
+    rgb = np.asarray(to_rgb(image), dtype=np.float32)
+    blend = (1.0 - alpha) * rgb + alpha * colorize(mask, palette).astype(np.float32)
+    side = np.concatenate([rgb, blend], axis=1)
+    return Image.fromarray(np.clip(side + 0.5, 0, 255).astype(np.uint8))
+
+
+def _size_groups(
+    images: list[tuple[Path, Path]], names: list[Path], batch_size: int, summary: PredictSummary
+) -> Iterator[list[tuple[Path, Path]]]:
+    """Batches of (image, output name) that share a size; headers only are read here."""
+    groups: dict[tuple[int, int], list[tuple[Path, Path]]] = defaultdict(list)
+    for (path, _), name in zip(images, names):
+        try:
+            with Image.open(path) as image:
+                size = image.size
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            log.warning("skipping %s: cannot read image (%s)", path, exc)
+            summary.failed.append((path, str(exc)))
+            continue
+        groups[size].append((path, name))
+    for members in groups.values():
+        for start in range(0, len(members), batch_size):
+            yield members[start : start + batch_size]
+
+
+def predict_paths(
+    predictor: Predictor,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    eval_cfg: EvalConfig | None = None,
+    batch_size: int = 1,
+    recursive: bool = False,
+    overlays: bool = True,
+    progress: bool = True,
+) -> PredictSummary:
+    """Write ``<out>/<name>.png`` masks (and ``<out>/overlay/<name>.jpg``) for every input image."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    images = find_images(inputs, recursive)
+    names = _output_names(images)
+    out = Path(out_dir)
+    summary = PredictSummary()
+    # Headers are read up front, so the bar counts only the images that will be predicted.
+    batches = list(_size_groups(images, names, batch_size, summary))
+    total = sum(len(b) for b in batches)
+    bar = tqdm(total=total, desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
+    try:
+        for batch in batches:
+            loaded: list[tuple[Image.Image, Path]] = []
+            for path, name in batch:
+                try:
+                    loaded.append((read_image(path), name))
+                except ValueError as exc:
+                    log.warning("skipping %s", exc)
+                    summary.failed.append((path, str(exc)))
+            masks = predictor.predict_batch([image for image, _ in loaded], eval_cfg)
+            for (image, name), mask in zip(loaded, masks):
+                _write(image, mask, name, out, predictor.palette, overlays, summary)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    return summary
+
+
+def _write(
+    image: Image.Image,
+    mask: np.ndarray,
+    name: Path,
+    out: Path,
+    palette: Sequence[tuple[int, int, int]],
+    overlays: bool,
+    summary: PredictSummary,
+) -> None:
+    # Appending keeps dots inside file names ("img.v2") that with_suffix would cut.
+    mask_path = out / f"{name}.png"
+    save_mask_png(mask, mask_path, palette)
+    summary.masks.append(mask_path)
+    if overlays:
+        overlay_path = out / "overlay" / f"{name}.jpg"
+        overlay_path.parent.mkdir(parents=True, exist_ok=True)
+        overlay(image, mask, palette).save(overlay_path, quality=90)
+        summary.overlays.append(overlay_path)

@@ -1,0 +1,225 @@
+"""The training engine end to end on the synthetic set: learning, exact resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from protoseg.config import load_config
+from protoseg.data import build_dataset, build_eval_loader, eval_transform
+from protoseg.engine.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
+from protoseg.engine.optim import poly_factor
+from protoseg.engine.trainer import NonFiniteLossError, Trainer
+
+
+def tiny_config(root, out, method="supervised", *extra):
+    return load_config(
+        f"synthetic/{method}.yaml",
+        [
+            f"data.root={root}",
+            "data.labeled_split=splits/8/labeled.txt",
+            "data.unlabeled_split=splits/8/unlabeled.txt",
+            f"train.out_dir={out}",
+            "data.crop_size=48",
+            "train.batch_size=4",
+            "train.progress=false",
+            "train.checkpoint_every=0",
+            "method.warmup_epochs=0",
+            "method.sample_grid=8",
+            "train.device=cpu",
+            "train.deterministic=true",
+            *extra,
+        ],
+    )
+
+
+def model_state(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_poly_schedule_values():
+    assert poly_factor(0, 100, 0.9) == 1.0
+    assert poly_factor(50, 100, 0.9) == pytest.approx(0.5**0.9)
+    assert poly_factor(100, 100, 0.9) == 0.0
+    assert poly_factor(150, 100, 0.9) == 0.0
+
+
+def test_supervised_training_beats_chance(synthetic_root, tmp_path):
+    cfg = tiny_config(
+        synthetic_root, tmp_path / "run", "supervised", "train.iterations=60", "optim.lr=0.02"
+    )
+    result = Trainer(cfg).fit()
+    miou = result.final["linear"].miou
+    # Chance: everything predicted as the majority class (background) on the same split.
+    val = build_dataset(cfg.data, "val", eval_transform(cfg.data))
+    counts = torch.zeros(cfg.data.num_classes)
+    for batch in build_eval_loader(val):
+        mask = batch["mask"][batch["mask"] != 255]
+        counts += torch.bincount(mask, minlength=cfg.data.num_classes)
+    chance = 100 * (counts[0] / counts.sum()).item() / cfg.data.num_classes
+    assert miou > chance + 10, (miou, chance)
+    out = tmp_path / "run"
+    for name in ("model.pt", "best.pt", "config.yaml", "eval_final_linear.json", "history.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "eval_final_linear.json").read_text())["miou"] == pytest.approx(miou)
+    assert list((out / "tensorboard").iterdir())
+
+
+@pytest.mark.parametrize("method", ["supervised", "pcr"])
+def test_resume_matches_an_uninterrupted_run(synthetic_root, tmp_path, method):
+    extra = ["train.iterations=6", "train.checkpoint_every=3", "train.eval_every=0"]
+    straight = Trainer(tiny_config(synthetic_root, tmp_path / "a", method, *extra))
+    straight.fit()
+    first = Trainer(tiny_config(synthetic_root, tmp_path / "b", method, *extra))
+    first.fit(max_steps=3)
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step_0000003.pt"]
+    resumed = Trainer(tiny_config(synthetic_root, tmp_path / "b", method, *extra))
+    resumed.fit()
+    a, b = straight.method.state_dict(), resumed.method.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    if method == "pcr":
+        assert torch.equal(straight.method.bank.prototypes, resumed.method.bank.prototypes)
+        ckpt = torch.load(latest_checkpoint(tmp_path / "b" / "checkpoints"), weights_only=False)
+        assert torch.equal(ckpt["method"]["bank.prototypes"], resumed.method.bank.prototypes)
+
+
+def test_gradient_accumulation_matches_the_full_batch_without_bn(synthetic_root, tmp_path):
+    """max_device_batch splits a total batch; with BN in eval-like mode the update is equal."""
+    extra = ["train.iterations=2", "model.dropout=0"]
+    full = Trainer(tiny_config(synthetic_root, tmp_path / "a", "supervised", *extra))
+    acc = Trainer(
+        tiny_config(
+            synthetic_root, tmp_path / "b", "supervised", *extra, "train.max_device_batch=2"
+        )
+    )
+    assert (full.micro_batch, full.accum_steps) == (4, 1)
+    assert (acc.micro_batch, acc.accum_steps) == (2, 2)
+    for trainer in (full, acc):  # freeze BN statistics so micro-batches see the same norm
+        for module in trainer.method.model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.eval()
+                module.train = lambda mode=True, m=module: m  # keep it in eval mode
+        trainer.fit(max_steps=2)
+    pa = dict(full.method.model.named_parameters())
+    for name, p in acc.method.model.named_parameters():
+        assert torch.allclose(p, pa[name], atol=1e-5), name
+
+
+def test_nonfinite_loss_stops_with_a_clear_message(synthetic_root, tmp_path, monkeypatch):
+    cfg = tiny_config(
+        synthetic_root,
+        tmp_path / "nan",
+        "supervised",
+        "train.iterations=4",
+        "train.checkpoint_every=1",
+    )
+    trainer = Trainer(cfg)
+    original = trainer.method.training_step
+
+    def poisoned(labeled, unlabeled, step):
+        out = original(labeled, unlabeled, step)
+        if step == 2:
+            out["loss"] = out["loss"] * float("nan")
+            out["loss_sup"] = out["loss"].detach()
+        return out
+
+    monkeypatch.setattr(trainer.method, "training_step", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"step 2: non-finite .*loss_sup=nan") as err:
+        trainer.fit()
+    assert "step_0000002.pt" in str(err.value)  # the last good checkpoint is kept and named
+    assert latest_checkpoint(tmp_path / "nan" / "checkpoints").name == "step_0000002.pt"
+
+
+def test_nonfinite_loss_can_skip_the_step(synthetic_root, tmp_path, monkeypatch):
+    cfg = tiny_config(
+        synthetic_root,
+        tmp_path / "skip",
+        "supervised",
+        "train.iterations=3",
+        "train.on_nonfinite=skip",
+    )
+    trainer = Trainer(cfg)
+    original = trainer.method.training_step
+
+    def poisoned(labeled, unlabeled, step):
+        out = original(labeled, unlabeled, step)
+        if step == 1:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer.method, "training_step", poisoned)
+    result = trainer.fit()
+    assert result.steps == 3
+    assert all(torch.isfinite(p).all() for p in trainer.method.model.parameters())
+    assert math.isfinite(result.final["linear"].miou)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["method.strong_aug=cutout"],
+        ["method.strong_aug=classmix"],
+        ["method.linear_head=false"],
+        ["method.update_prototypes=false"],
+        ["method.proto_head=false"],
+        ["method.update_rule=per_pixel", "method.teacher_bn=copy"],
+    ],
+)
+def test_pcr_variants_train_with_finite_losses(synthetic_root, tmp_path, overrides):
+    cfg = tiny_config(
+        synthetic_root,
+        tmp_path / "v",
+        "pcr",
+        "train.iterations=2",
+        "train.log_every=1",
+        "method.mix_prob=1.0",
+        *overrides,
+    )
+    result = Trainer(cfg).fit()
+    assert result.history and all(math.isfinite(v) for h in result.history for v in h.values())
+    head = "prototype" if "method.linear_head=false" in overrides else "linear"
+    assert head in result.final and math.isfinite(result.final[head].miou)
+
+
+def test_mean_teacher_and_cutmix_seg_train(synthetic_root, tmp_path):
+    for method in ("mean_teacher", "cutmix_seg"):
+        cfg = tiny_config(
+            synthetic_root, tmp_path / method, method, "train.iterations=2", "train.log_every=1"
+        )
+        result = Trainer(cfg).fit()
+        assert math.isfinite(result.history[-1]["loss"])
+
+
+def test_corrupt_checkpoint_is_reported(synthetic_root, tmp_path):
+    folder = tmp_path / "c" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "step_0000005.pt").write_bytes(b"not a checkpoint")
+    cfg = tiny_config(synthetic_root, tmp_path / "c", "supervised", "train.iterations=6")
+    with pytest.raises(CheckpointError, match=r"step_0000005.pt: cannot be read.*delete it"):
+        Trainer(cfg).fit()
+
+
+def test_mismatched_checkpoint_is_reported(synthetic_root, tmp_path):
+    cfg = tiny_config(synthetic_root, tmp_path / "m", "supervised", "train.iterations=2")
+    Trainer(cfg).fit()
+    other = tiny_config(
+        synthetic_root,
+        tmp_path / "m",
+        "supervised",
+        "train.iterations=4",
+        "data.num_classes=7",
+        "data.class_names=[]",
+    )
+    with pytest.raises(CheckpointError, match="do not fit this configuration"):
+        Trainer(other).fit()
+
+
+def test_semi_supervised_method_without_unlabelled_split(synthetic_root, tmp_path):
+    cfg = tiny_config(synthetic_root, tmp_path / "u", "pcr", "data.unlabeled_split=")
+    with pytest.raises(ValueError, match="data.unlabeled_split"):
+        Trainer(cfg)
