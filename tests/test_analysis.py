@@ -135,14 +135,16 @@ def test_predict_cli_and_errors(tiny: dict[str, Path], tmp_path: Path, capsys) -
     empty = tmp_path / "empty"
     empty.mkdir()
     capsys.readouterr()
-    assert main(["predict", str(empty), "--checkpoint", str(tiny["model"]), "--out", "o"]) == 2
+    unused = str(tmp_path / "unused")
+    assert main(["predict", str(empty), "--checkpoint", str(tiny["model"]), "--out", unused]) == 2
     assert str(empty) in capsys.readouterr().err
 
     missing = tmp_path / "nope" / "model.pt"
-    assert main(["predict", str(folder), "--checkpoint", str(missing), "--out", "o"]) == 2
+    assert main(["predict", str(folder), "--checkpoint", str(missing), "--out", unused]) == 2
     assert str(missing) in capsys.readouterr().err
     with pytest.raises(CheckpointError, match=str(missing)):
         load(missing)
+    assert not Path(unused).exists()
 
 
 # ---- export ----------------------------------------------------------------------------------
@@ -331,10 +333,8 @@ def test_sweep_runs_and_collects(tiny: dict[str, Path], tmp_path: Path, capsys) 
     ]
     assert main([*args, "--print-commands", "--nproc", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 and all(
-        line.startswith("torchrun --nproc_per_node=2 -m protoseg.cli train synthetic/supervised.yaml")
-        for line in lines
-    )
+    prefix = "torchrun --nproc_per_node=2 -m protoseg.cli train synthetic/supervised.yaml"
+    assert len(lines) == 2 and all(line.startswith(prefix) for line in lines)
     assert "optim.lr=0.02" in lines[1] and not out.exists()
 
     assert main(args) == 0

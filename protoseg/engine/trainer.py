@@ -128,7 +128,9 @@ class Trainer:
         self.cfg, self.dist, self.device = cfg, dist_info, device
         self.out_dir = Path(cfg.train.out_dir)
         self.autocast_dtype, use_scaler = resolve_precision(cfg.train.precision, device)
-        configure_determinism(cfg.train.seed + dist_info.rank, cfg.train.deterministic)
+        # Every rank builds the same initial weights (teacher included); the random streams
+        # of augmentation and sampling then differ per rank.
+        configure_determinism(cfg.train.seed, cfg.train.deterministic)
 
         self._build_data()
         model = create_model(cfg.model, cfg.data.num_classes).to(device)
@@ -153,6 +155,7 @@ class Trainer:
         if cfg.train.compile:
             forward = torch.compile(forward)  # type: ignore[assignment]
         self.method.set_student_forward(forward)
+        torch.manual_seed(cfg.train.seed + dist_info.rank)
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.optim.poly_power)
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)

@@ -1,0 +1,151 @@
+"""Multi-process training on CPU (gloo) and crash recovery, as users of torchrun meet them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+from protoseg.config import load_config
+from protoseg.engine.trainer import Trainer
+
+
+def overrides(root, out, *extra):
+    return [
+        f"data.root={root}",
+        "data.labeled_split=splits/8/labeled.txt",
+        "data.unlabeled_split=splits/8/unlabeled.txt",
+        f"train.out_dir={out}",
+        "data.crop_size=48",
+        "train.batch_size=4",
+        "train.progress=false",
+        "train.checkpoint_every=0",
+        "method.warmup_epochs=0",
+        "model.dropout=0",
+        "train.device=cpu",
+        "train.deterministic=true",
+        *extra,
+    ]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, args: list[str]) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    from protoseg.engine.distributed import cleanup
+
+    try:
+        trainer = Trainer(load_config("synthetic/supervised.yaml", args))
+        # model.sync_bn is on by default but needs CUDA: on CPU ranks keep plain BatchNorm.
+        assert not any(
+            isinstance(m, torch.nn.SyncBatchNorm) for m in trainer.method.model.modules()
+        )
+        trainer.fit()
+    finally:
+        cleanup()
+
+
+def parameters(path):
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return {k: v for k, v in state.items() if "running_" not in k and "num_batches" not in k}
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_total_batch(synthetic_root, tmp_path):
+    """2 ranks x 2 images == 1 process x 2 micro-batches of 2 (BN sees 2 images in both)."""
+    steps = ["train.iterations=3"]
+    mp.start_processes(
+        _ddp_worker,
+        args=(2, _free_port(), overrides(synthetic_root, tmp_path / "ddp", *steps)),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
+    single = Trainer(
+        load_config(
+            "synthetic/supervised.yaml",
+            overrides(synthetic_root, tmp_path / "one", *steps, "train.max_device_batch=2"),
+        )
+    )
+    assert single.accum_steps == 2
+    single.fit()
+    ddp, one = parameters(tmp_path / "ddp" / "model.pt"), parameters(tmp_path / "one" / "model.pt")
+    assert ddp.keys() == one.keys()
+    moved = 0
+    initial = Trainer(
+        load_config(
+            "synthetic/supervised.yaml", overrides(synthetic_root, tmp_path / "init", *steps)
+        )
+    ).method.model.state_dict()
+    for key in ddp:
+        assert torch.allclose(ddp[key], one[key], atol=1e-5), key
+        moved += not torch.equal(one[key], initial[key])
+    assert moved > 10  # the runs trained, they did not just both keep the initial weights
+    assert (tmp_path / "ddp" / "eval_final_linear.json").is_file()
+    assert not (tmp_path / "ddp" / "checkpoints" / "rank1").exists()
+
+
+def _train_command(root, out):
+    return [
+        sys.executable,
+        "-m",
+        "protoseg.cli",
+        "train",
+        "synthetic/supervised.yaml",
+        *overrides(
+            root, out, "train.iterations=14", "train.checkpoint_every=2", "train.keep_last=3"
+        ),
+    ]
+
+
+def test_sigkill_mid_training_resumes_to_the_same_weights(synthetic_root, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    straight = subprocess.run(
+        _train_command(synthetic_root, tmp_path / "straight"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _train_command(synthetic_root, out),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    target = out / "checkpoints" / "step_0000004.pt"
+    deadline = time.time() + 300
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.exists() and not (out / "model.pt").exists(), "the run was not cut mid-way"
+
+    again = subprocess.run(
+        _train_command(synthetic_root, out), env=env, capture_output=True, text=True, timeout=600
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from" in again.stderr
+    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=False)["state_dict"]
+    b = torch.load(out / "model.pt", weights_only=False)["state_dict"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
