@@ -257,10 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _load_extra_commands() -> None:
     if _EXTRA_COMMANDS:
         return
-    try:
-        from protoseg.analysis.commands import register
-    except ImportError:
-        return
+    from protoseg.analysis.commands import register
+
     _EXTRA_COMMANDS.append(register)
 
 

@@ -174,6 +174,7 @@ def run_demo(
     started = time.perf_counter()
     data_root = ensure_dataset(out / "data")
     outcomes = []
+    cfg = None
     for spec in default_runs(full, methods):
         cfg = build_run_config(spec, data_root, out / spec.name, seed, iterations, device)
         log.info("demo: training %s", spec.name)
@@ -182,7 +183,7 @@ def run_demo(
     (out / "results.json").write_text(json.dumps([o.to_dict() for o in outcomes], indent=2))
     from protoseg.analysis.report import write_demo_report
 
-    report = write_demo_report(out, outcomes, list(SYNTHETIC_CLASSES), data_root)
+    report = write_demo_report(out, outcomes, list(SYNTHETIC_CLASSES), cfg)
     elapsed = time.perf_counter() - started
     print("\n" + table)
     print(

@@ -7,12 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
-
 from protoseg.analysis.predict import load
-from protoseg.analysis.qualitative import prediction_grid
-from protoseg.data import read_split
+from protoseg.analysis.qualitative import load_val_examples, prediction_grid
+from protoseg.config import Config
 
 
 def _plt():
@@ -60,24 +57,17 @@ def training_curves(rows: Sequence[Any], path: Path) -> Path:
     return path
 
 
-def load_val_examples(
-    data_root: Path, count: int, mask_dir: str = "SegmentationClass"
-) -> tuple[list[Image.Image], list[np.ndarray]]:
-    """The first ``count`` validation images and masks of a VOC-layout folder."""
-    names = read_split(data_root / "splits" / "val.txt")[:count]
-    images = [Image.open(data_root / "JPEGImages" / f"{n}.jpg").convert("RGB") for n in names]
-    masks = [np.array(Image.open(data_root / mask_dir / f"{n}.png")) for n in names]
-    return images, masks
-
-
 def write_demo_report(
-    out: Path, rows: Sequence[Any], class_names: list[str], data_root: Path, examples: int = 4
+    out: Path, rows: Sequence[Any], class_names: list[str], cfg: Config, examples: int = 4
 ) -> Path:
-    """Write ``report.md`` with the table, a bar chart, training curves and a prediction grid."""
+    """Write ``report.md``: the table, a bar chart, training curves and a prediction grid.
+
+    ``cfg`` is one run's config; its validation split supplies the example images.
+    """
     out = Path(out)
     charts = [miou_bar_chart(rows, out / "miou.png"), training_curves(rows, out / "curves.png")]
     predictors = {r.name: load(Path(r.out_dir) / "model.pt", head=r.head) for r in rows}
-    images, masks = load_val_examples(data_root, examples)
+    _, images, masks = load_val_examples(cfg, count=examples, seed=0)
     palette = next(iter(predictors.values())).palette if predictors else []
     charts.append(prediction_grid(predictors, images, masks, palette, out / "predictions.png"))
     header = (

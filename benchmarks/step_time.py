@@ -1,0 +1,140 @@
+"""Training-step time and peak memory of supervised, cutmix_seg and pcr at a fixed model and crop.
+
+Each method runs in its own subprocess (so peak RSS is its own) on synthetic in-memory batches
+(no data loading), timing forward + backward + optimiser step + EMA/bank updates. Reports
+medians over ``--steps`` steps after ``--warmup`` untimed ones, and PCR's time as a ratio to
+cutmix_seg's measured in the same invocation.
+
+    python benchmarks/step_time.py --backbone resnet18 --crop 80 --batch 8
+    python benchmarks/step_time.py --backbone resnet101s --crop 513 --batch 2 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def run_single(args: argparse.Namespace) -> dict:
+    """Time one method in this process; returns a JSON-ready dict."""
+    import torch
+
+    from protoseg.config import load_config
+    from protoseg.engine.optim import build_optimizer
+    from protoseg.methods import WarmupContext, create_method
+    from protoseg.models import create_model
+
+    device = torch.device(args.device if args.device != "auto"
+                          else ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = load_config(None, [
+        "data.root=unused", f"data.num_classes={args.classes}", f"model.backbone={args.backbone}",
+        f"model.output_stride={args.output_stride}", f"method.name={args.method}",
+        "method.warmup_epochs=0", f"method.prototypes_per_class={args.prototypes}",
+        f"train.loss={args.loss}", f"train.precision={args.precision}"])
+    torch.manual_seed(0)
+    model = create_model(cfg.model, cfg.data.num_classes).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    method = create_method(args.method, model, cfg).to(device)
+    method.setup(steps_per_epoch=1000)
+    optimizer = build_optimizer(model, cfg.optim)
+    gen = torch.Generator().manual_seed(0)
+
+    def batch():
+        labeled = {"image": torch.randn(args.batch, 3, args.crop, args.crop, generator=gen),
+                   "mask": torch.randint(0, args.classes, (args.batch, args.crop, args.crop),
+                                         generator=gen)}
+        unlabeled = {"image": torch.randn(args.batch, 3, args.crop, args.crop, generator=gen)}
+        return ({k: v.to(device) for k, v in labeled.items()},
+                {k: v.to(device) for k, v in unlabeled.items()})
+
+    if method.needs_warmup_hook():
+        method.on_warmup_end(WarmupContext([batch()[0]], device))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    method.train()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(args.warmup + args.steps):
+        labeled, unlabeled = batch()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = method.training_step(labeled, unlabeled, step=i)
+        out["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        method.after_optimizer_step(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        memory = torch.cuda.max_memory_allocated() / 2**20
+        memory_kind = "max allocated (CUDA)"
+    else:
+        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        memory_kind = "peak RSS"
+    return {"method": args.method, "median_s": statistics.median(times),
+            "min_s": min(times), "max_s": max(times), "steps": len(times),
+            "memory_mib": memory, "memory_kind": memory_kind, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def main() -> None:
+    """Run every method in a subprocess and print a Markdown table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=["supervised", "cutmix_seg", "pcr"])
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--output-stride", type=int, default=16)
+    parser.add_argument("--crop", type=int, default=80)
+    parser.add_argument("--batch", type=int, default=8, help="labelled and unlabelled each")
+    parser.add_argument("--classes", type=int, default=21)
+    parser.add_argument("--prototypes", type=int, default=4)
+    parser.add_argument("--loss", default="ce", choices=["ce", "ohem"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default=None, help="write the results as JSON")
+    args = parser.parse_args()
+    if args.method:
+        print(json.dumps(run_single(args)))
+        return
+    rows = []
+    for name in args.methods:
+        cmd = [sys.executable, __file__, "--method", name] + [
+            a for a in sys.argv[1:] if a not in args.methods and a != "--methods"]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    by = {r["method"]: r for r in rows}
+    print(f"\n{args.backbone} OS{args.output_stride}, crop {args.crop}, batch {args.batch}+"
+          f"{args.batch}, {args.precision}, {rows[0]['device']} ({rows[0]['device_name']}, "
+          f"{rows[0]['threads']} threads), torch {rows[0]['torch']}; median of {args.steps} steps\n")
+    print("| method | step s (median) | min | max | memory MiB | vs cutmix_seg |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = (f"{r['median_s'] / by['cutmix_seg']['median_s']:.3f}"
+                 if "cutmix_seg" in by else "-")
+        print(f"| {r['method']} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['max_s']:.3f} | "
+              f"{r['memory_mib']:.0f} ({r['memory_kind']}) | {ratio} |")
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump({"args": vars(args), "rows": rows}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
