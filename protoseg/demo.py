@@ -28,7 +28,7 @@ class RunSpec:
     name: str
     config: str
     overrides: list[str] = field(default_factory=list)
-    labeled: int = DEMO_LABEL_COUNTS[0]
+    labeled: int | str = DEMO_LABEL_COUNTS[0]
     head: str = "linear"
 
 
@@ -38,7 +38,7 @@ class RunOutcome:
 
     name: str
     method: str
-    labeled: int
+    labeled: int | str
     seed: int
     miou: float
     iou: list[float]

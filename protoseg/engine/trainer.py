@@ -293,7 +293,8 @@ class Trainer:
         results = {}
         for head in heads:
             model = self.method.inference_model(head)
-            with self._autocast():
+            # Evaluating must not change training's random stream (loader start-up draws).
+            with torch.random.fork_rng(devices=[]), self._autocast():
                 results[head] = evaluate(
                     model,
                     loader,

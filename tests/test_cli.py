@@ -1,0 +1,104 @@
+"""The ``protoseg`` command as a user runs it: help, data tools, train/eval, demo, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from protoseg.cli import build_parser, main
+from protoseg.config import ConfigError, load_config, shipped_config_dir
+
+
+def test_every_command_has_help(capsys):
+    from protoseg.cli import _load_extra_commands
+
+    _load_extra_commands()
+    parser = build_parser()
+    commands = [["train"], ["eval"], ["demo"], ["data", "synthetic"], ["data", "split"],
+                ["predict"], ["export"], ["sweep"], ["analyze", "discrimination"],
+                ["analyze", "tsne"], ["analyze", "qualitative"]]
+    for command in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args([*command, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: protoseg" in capsys.readouterr().out
+
+
+def test_data_split_command(tmp_path, capsys):
+    names = tmp_path / "all.txt"
+    names.write_text("\n".join(f"img_{i}" for i in range(20)))
+    assert main(["data", "split", "--list", str(names), "--num-labeled", "5", "--seed", "1",
+                 "--out", str(tmp_path / "s")]) == 0
+    labeled = (tmp_path / "s" / "labeled.txt").read_text().split()
+    unlabeled = (tmp_path / "s" / "unlabeled.txt").read_text().split()
+    assert len(labeled) == 5 and len(unlabeled) == 15
+    assert sorted(labeled + unlabeled) == sorted(f"img_{i}" for i in range(20))
+
+
+def test_bad_input_exits_2_with_a_message(tmp_path, capsys):
+    assert main(["train", "synthetic/pcr.yaml", "train.bogus=1"]) == 2
+    assert "train.bogus" in capsys.readouterr().err
+    assert main(["train", "synthetic/pcr.yaml", f"data.root={tmp_path / 'nowhere'}"]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "data.root" in err
+    assert main(["train", "no/such/config.yaml"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_train_then_eval_from_the_cli(synthetic_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = [f"data.root={synthetic_root}", "data.labeled_split=splits/8/labeled.txt",
+            "data.unlabeled_split=splits/8/unlabeled.txt", "data.crop_size=48",
+            "train.batch_size=4", "train.iterations=3", "train.progress=false",
+            "method.warmup_epochs=0", "method.sample_grid=8"]
+    assert main(["train", "synthetic/pcr.yaml", *args, f"train.out_dir={run}"]) == 0
+    out = capsys.readouterr().out
+    assert "mIoU" in out and str(run) in out
+    resolved = load_config(run / "config.yaml")
+    assert resolved.train.iterations == 3 and resolved.method.name == "pcr"
+    for head in ("linear", "prototype"):
+        target = tmp_path / f"eval_{head}.json"
+        assert main(["eval", "synthetic/pcr.yaml", *args, "--checkpoint", str(run / "model.pt"),
+                     "--head", head, "--out", str(target)]) == 0
+        result = json.loads(target.read_text())
+        assert 0 <= result["miou"] <= 100 and result["num_images"] == 12
+    saved = json.loads((run / "eval_final_linear.json").read_text())
+    assert json.loads((tmp_path / "eval_linear.json").read_text())["miou"] == \
+        pytest.approx(saved["miou"], abs=1e-6)
+
+
+def test_every_shipped_config_loads():
+    files = sorted(shipped_config_dir().rglob("*.yaml"))
+    assert len(files) >= 40
+    cells = 0
+    for path in files:
+        cfg = load_config(path)
+        if path.parent.name.isdigit():
+            cells += 1
+            n = path.parent.name
+            assert f"/{n}/" in cfg.data.labeled_split and cfg.method.name == path.stem
+    assert cells == 3 * (5 + 4 + 4)  # Tables 1-3, three methods each
+    voc = load_config("voc/classic/92/pcr.yaml")
+    assert (voc.train.batch_size, voc.data.crop_size, voc.optim.lr) == (16, 513, 0.001)
+    assert (voc.method.confidence_threshold, voc.method.prototypes_per_class) == (0.8, 4)
+    city = load_config("cityscapes/fine/744/pcr.yaml")
+    assert (city.eval.mode, city.eval.window, city.eval.stride) == ("sliding", 769, 513)
+    assert city.model.aux_head and city.train.aux_weight == 0.4
+    with pytest.raises(ConfigError, match="method.strong_aug"):
+        load_config("voc/pcr.yaml", ["method.strong_aug=mixup"])
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--iterations", "2",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for name in ("supervised", "cutmix_seg", "pcr"):
+        assert name in out
+        assert (tmp_path / "demo" / name / "model.pt").is_file()
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "| pcr |" in report
+    for png in ("miou.png", "curves.png", "predictions.png"):
+        assert (tmp_path / "demo" / png).stat().st_size > 2000
+    rows = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert [r["name"] for r in rows] == ["supervised", "cutmix_seg", "pcr"]
