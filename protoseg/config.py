@@ -294,7 +294,11 @@ def shipped_config_dir() -> Path:
     """The folder of the YAML recipes that ship with protoseg (``configs/`` of the source tree)."""
     from importlib.resources import files
 
-    return Path(str(files("protoseg.configs")))
+    try:
+        return Path(str(files("protoseg.configs")))
+    except ModuleNotFoundError:
+        # A source checkout on PYTHONPATH, not installed: configs/ sits beside the package.
+        return Path(__file__).resolve().parents[1] / "configs"
 
 
 def find_config(name: str | Path) -> Path:

@@ -45,10 +45,13 @@ class PrototypeBank(nn.Module):
 
     # ---- prediction (Eq. 2) -------------------------------------------------------------
     def similarity(self, features: Tensor) -> Tensor:
-        """Cosine similarity of (N, D) features to every prototype: (N, C, M)."""
-        feats = F.normalize(features.float(), dim=1)
-        protos = F.normalize(self.prototypes.float(), dim=2)
-        return torch.einsum("nd,cmd->ncm", feats, protos)
+        """Cosine similarity of (N, D) features to every prototype: (N, C, M), in fp32."""
+        # fp32 even under autocast: bf16 cosines near 1 lose the margin between prototypes.
+        with torch.autocast(features.device.type, enabled=False):
+            feats = F.normalize(features.float(), dim=1)
+            protos = F.normalize(self.prototypes.float(), dim=2).reshape(-1, self.dim)
+            sims = feats @ protos.T
+        return sims.view(-1, self.num_classes, self.per_class)
 
     def logits(self, features: Tensor) -> Tensor:
         """Class logits max_m cos(x, p_cm) / T for (N, D) or (B, D, H, W) features."""
@@ -61,27 +64,38 @@ class PrototypeBank(nn.Module):
                 f"features must be (N, {self.dim}) or (B, {self.dim}, H, W), "
                 f"got {tuple(features.shape)}"
             )
-        # Similarities stay in fp32 under autocast: bf16 cosines near 1 lose the margin.
-        with torch.autocast(features.device.type, enabled=False):
-            return self.similarity(features).amax(dim=2) / self.temperature
+        return self.logits_from_similarity(self.similarity(features))
+
+    def logits_from_similarity(self, similarity: Tensor) -> Tensor:
+        """Eq. 2's logits from (N, C, M) cosine similarities: max over M, divided by T."""
+        return similarity.amax(dim=2) / self.temperature
 
     # ---- update (Eq. 11) ----------------------------------------------------------------
     @torch.no_grad()
-    def assign(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Each labelled feature's own-class nearest prototype: (features, class, slot)."""
-        feats = features.float()
+    def assign(
+        self, features: Tensor, labels: Tensor, similarity: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Each labelled feature's own-class nearest prototype: (features, class, slot).
+
+        ``similarity`` (N, C, M) may be passed when the caller already computed it against
+        the current bank (PCR's loss does), which saves the largest cost of an update.
+        """
         keep = labels != self.ignore_index
-        feats, cls = feats[keep], labels[keep].long()
-        if cls.numel():
-            sims = self.similarity(feats)  # (N, C, M)
-            own = sims[torch.arange(cls.numel(), device=cls.device), cls]  # (N, M)
-            slot = own.argmax(dim=1)
-        else:
-            slot = cls
-        return feats, cls, slot
+        feats, cls = features.float()[keep], labels[keep].long()
+        if not cls.numel():
+            return feats, cls, cls
+        sims = self.similarity(feats) if similarity is None else similarity.detach()[keep]
+        own = sims[torch.arange(cls.numel(), device=cls.device), cls]  # (N, M)
+        return feats, cls, own.argmax(dim=1)
 
     @torch.no_grad()
-    def update(self, features: Tensor, labels: Tensor, rule: str = "batch_mean") -> Tensor:
+    def update(
+        self,
+        features: Tensor,
+        labels: Tensor,
+        rule: str = "batch_mean",
+        similarity: Tensor | None = None,
+    ) -> Tensor:
         """Move each prototype towards the raw features assigned to it; returns pixel counts.
 
         ``batch_mean`` (the release): p <- a p + (1 - a) mean(assigned), one step per batch.
@@ -89,7 +103,7 @@ class PrototypeBank(nn.Module):
         order, which in closed form is p <- a^n p + (1 - a) sum_k a^(n-1-k) x_k.
         Sums and counts are all-reduced first, so every process ends with the same bank.
         """
-        feats, cls, slot = self.assign(features, labels)
+        feats, cls, slot = self.assign(features, labels, similarity)
         flat = cls * self.per_class + slot
         n_slots = self.num_classes * self.per_class
         a = self.momentum

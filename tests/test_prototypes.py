@@ -210,3 +210,18 @@ def test_two_process_update_gives_identical_banks_equal_to_one_process():
         assert p.exitcode == 0
     assert torch.equal(results[0], results[1])
     assert torch.allclose(results[0], single.prototypes, atol=1e-6)
+
+
+def test_update_reuses_a_precomputed_similarity():
+    feats = torch.randn(30, 8)
+    labels = torch.randint(0, 3, (30,))
+    labels[:4] = 255
+    plain, reused = make_bank(), make_bank()
+    sims = reused.similarity(feats)
+    plain.update(feats, labels)
+    reused.update(feats, labels, similarity=sims)
+    assert torch.equal(plain.prototypes, reused.prototypes)
+    stale = make_bank(seed=5).similarity(feats)  # a different bank's similarity changes slots
+    other = make_bank()
+    other.update(feats, labels, similarity=stale)
+    assert not torch.equal(other.prototypes, plain.prototypes)

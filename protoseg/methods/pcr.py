@@ -106,26 +106,26 @@ class PCR(CutMixSeg):
         target_l = y_l[:, cy, cx]
         pseudo = torch.where(keep, y_m, torch.full_like(y_m, self.ignore_index))
         target_u = pseudo[:, cy, cx]
+        dim = feats_l.shape[-1]
+        flat_feats = torch.cat([feats_l, feats_u]).reshape(-1, dim)
+        flat_targets = torch.cat([target_l, target_u]).reshape(-1)
+        sims = self.bank.similarity(flat_feats) if m.proto_head else None
         if m.proto_head:
-            dim = feats_l.shape[-1]
-            logits_l = self.bank.logits(feats_l.reshape(-1, dim))
-            logits_u = self.bank.logits(feats_u.reshape(-1, dim))
-            flat_l = target_l.reshape(-1)
+            logits = self.bank.logits_from_similarity(sims)
+            n_l = target_l.numel()
+            flat_l, flat_u = flat_targets[:n_l], flat_targets[n_l:]
             loss_proto_sup = masked_cross_entropy(
-                logits_l, flat_l, flat_l != self.ignore_index, flat_l != self.ignore_index
+                logits[:n_l], flat_l, flat_l != self.ignore_index, flat_l != self.ignore_index
             )
-            flat_u = target_u.reshape(-1)
             loss_proto_unsup = masked_cross_entropy(
-                logits_u, flat_u, flat_u != self.ignore_index, valid_m[:, cy, cx].reshape(-1)
+                logits[n_l:], flat_u, flat_u != self.ignore_index, valid_m[:, cy, cx].reshape(-1)
             )
             loss = loss + m.proto_loss_weight * (loss_proto_sup + m.unsup_weight * loss_proto_unsup)
             logs["loss_proto_sup"] = loss_proto_sup.detach()
             logs["loss_proto_unsup"] = loss_proto_unsup.detach()
         if m.update_prototypes:
-            feats = torch.cat([feats_l, feats_u]).detach()
-            targets = torch.cat([target_l, target_u])
             counts = self.bank.update(
-                feats.reshape(-1, feats.shape[-1]), targets.reshape(-1), m.update_rule
+                flat_feats.detach(), flat_targets, m.update_rule, similarity=sims
             )
             logs["prototypes_updated"] = float((counts > 0).float().mean())
         return loss, logs
