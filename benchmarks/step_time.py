@@ -118,7 +118,9 @@ def main() -> None:
     for name in args.methods:
         cmd = [sys.executable, __file__, "--method", name] + [
             a for a in sys.argv[1:] if a not in args.methods and a != "--methods"]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     by = {r["method"]: r for r in rows}
     print(f"\n{args.backbone} OS{args.output_stride}, crop {args.crop}, batch {args.batch}+"

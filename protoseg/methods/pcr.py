@@ -199,7 +199,7 @@ def collect_class_features(
     chunks: list[tuple[Tensor, Tensor]] = []
     for batch in loader:
         image = batch["image"].to(device)
-        mask = batch["mask"]
+        mask = batch["mask"].cpu()  # pixel picking runs on the CPU, whatever the device
         feats = model(image)["features"].float()
         for b in range(image.shape[0]):
             target = mask[b]
