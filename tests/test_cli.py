@@ -15,9 +15,19 @@ def test_every_command_has_help(capsys):
 
     _load_extra_commands()
     parser = build_parser()
-    commands = [["train"], ["eval"], ["demo"], ["data", "synthetic"], ["data", "split"],
-                ["predict"], ["export"], ["sweep"], ["analyze", "discrimination"],
-                ["analyze", "tsne"], ["analyze", "qualitative"]]
+    commands = [
+        ["train"],
+        ["eval"],
+        ["demo"],
+        ["data", "synthetic"],
+        ["data", "split"],
+        ["predict"],
+        ["export"],
+        ["sweep"],
+        ["analyze", "discrimination"],
+        ["analyze", "tsne"],
+        ["analyze", "qualitative"],
+    ]
     for command in commands:
         with pytest.raises(SystemExit) as exit_info:
             parser.parse_args([*command, "--help"])
@@ -28,8 +38,23 @@ def test_every_command_has_help(capsys):
 def test_data_split_command(tmp_path, capsys):
     names = tmp_path / "all.txt"
     names.write_text("\n".join(f"img_{i}" for i in range(20)))
-    assert main(["data", "split", "--list", str(names), "--num-labeled", "5", "--seed", "1",
-                 "--out", str(tmp_path / "s")]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "split",
+                "--list",
+                str(names),
+                "--num-labeled",
+                "5",
+                "--seed",
+                "1",
+                "--out",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 0
+    )
     labeled = (tmp_path / "s" / "labeled.txt").read_text().split()
     unlabeled = (tmp_path / "s" / "unlabeled.txt").read_text().split()
     assert len(labeled) == 5 and len(unlabeled) == 15
@@ -48,10 +73,17 @@ def test_bad_input_exits_2_with_a_message(tmp_path, capsys):
 
 def test_train_then_eval_from_the_cli(synthetic_root, tmp_path, capsys):
     run = tmp_path / "run"
-    args = [f"data.root={synthetic_root}", "data.labeled_split=splits/8/labeled.txt",
-            "data.unlabeled_split=splits/8/unlabeled.txt", "data.crop_size=48",
-            "train.batch_size=4", "train.iterations=3", "train.progress=false",
-            "method.warmup_epochs=0", "method.sample_grid=8"]
+    args = [
+        f"data.root={synthetic_root}",
+        "data.labeled_split=splits/8/labeled.txt",
+        "data.unlabeled_split=splits/8/unlabeled.txt",
+        "data.crop_size=48",
+        "train.batch_size=4",
+        "train.iterations=3",
+        "train.progress=false",
+        "method.warmup_epochs=0",
+        "method.sample_grid=8",
+    ]
     assert main(["train", "synthetic/pcr.yaml", *args, f"train.out_dir={run}"]) == 0
     out = capsys.readouterr().out
     assert "mIoU" in out and str(run) in out
@@ -59,13 +91,28 @@ def test_train_then_eval_from_the_cli(synthetic_root, tmp_path, capsys):
     assert resolved.train.iterations == 3 and resolved.method.name == "pcr"
     for head in ("linear", "prototype"):
         target = tmp_path / f"eval_{head}.json"
-        assert main(["eval", "synthetic/pcr.yaml", *args, "--checkpoint", str(run / "model.pt"),
-                     "--head", head, "--out", str(target)]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    "synthetic/pcr.yaml",
+                    *args,
+                    "--checkpoint",
+                    str(run / "model.pt"),
+                    "--head",
+                    head,
+                    "--out",
+                    str(target),
+                ]
+            )
+            == 0
+        )
         result = json.loads(target.read_text())
         assert 0 <= result["miou"] <= 100 and result["num_images"] == 12
     saved = json.loads((run / "eval_final_linear.json").read_text())
-    assert json.loads((tmp_path / "eval_linear.json").read_text())["miou"] == \
-        pytest.approx(saved["miou"], abs=1e-6)
+    assert json.loads((tmp_path / "eval_linear.json").read_text())["miou"] == pytest.approx(
+        saved["miou"], abs=1e-6
+    )
 
 
 def test_every_shipped_config_loads():
@@ -90,8 +137,9 @@ def test_every_shipped_config_loads():
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--iterations", "2",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(["demo", "--out", str(tmp_path / "demo"), "--iterations", "2", "--device", "cpu"]) == 0
+    )
     out = capsys.readouterr().out
     for name in ("supervised", "cutmix_seg", "pcr"):
         assert name in out

@@ -11,27 +11,14 @@ import time
 
 import torch
 import torch.multiprocessing as mp
+from helpers import tiny_overrides
 
 from protoseg.config import load_config
 from protoseg.engine.trainer import Trainer
 
 
 def overrides(root, out, *extra):
-    return [
-        f"data.root={root}",
-        "data.labeled_split=splits/8/labeled.txt",
-        "data.unlabeled_split=splits/8/unlabeled.txt",
-        f"train.out_dir={out}",
-        "data.crop_size=48",
-        "train.batch_size=4",
-        "train.progress=false",
-        "train.checkpoint_every=0",
-        "method.warmup_epochs=0",
-        "model.dropout=0",
-        "train.device=cpu",
-        "train.deterministic=true",
-        *extra,
-    ]
+    return tiny_overrides(root, out, "model.dropout=0", *extra)
 
 
 def _free_port() -> int:

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import poison_step, tiny_overrides
 
 from protoseg.config import load_config
 from protoseg.data import build_dataset, build_eval_loader, eval_transform
@@ -16,28 +17,7 @@ from protoseg.engine.trainer import NonFiniteLossError, Trainer
 
 
 def tiny_config(root, out, method="supervised", *extra):
-    return load_config(
-        f"synthetic/{method}.yaml",
-        [
-            f"data.root={root}",
-            "data.labeled_split=splits/8/labeled.txt",
-            "data.unlabeled_split=splits/8/unlabeled.txt",
-            f"train.out_dir={out}",
-            "data.crop_size=48",
-            "train.batch_size=4",
-            "train.progress=false",
-            "train.checkpoint_every=0",
-            "method.warmup_epochs=0",
-            "method.sample_grid=8",
-            "train.device=cpu",
-            "train.deterministic=true",
-            *extra,
-        ],
-    )
-
-
-def model_state(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return load_config(f"synthetic/{method}.yaml", tiny_overrides(root, out, *extra))
 
 
 def test_poly_schedule_values():
@@ -110,7 +90,7 @@ def test_gradient_accumulation_matches_the_full_batch_without_bn(synthetic_root,
         assert torch.allclose(p, pa[name], atol=1e-5), name
 
 
-def test_nonfinite_loss_stops_with_a_clear_message(synthetic_root, tmp_path, monkeypatch):
+def test_nonfinite_loss_stops_with_a_clear_message(synthetic_root, tmp_path):
     cfg = tiny_config(
         synthetic_root,
         tmp_path / "nan",
@@ -119,23 +99,14 @@ def test_nonfinite_loss_stops_with_a_clear_message(synthetic_root, tmp_path, mon
         "train.checkpoint_every=1",
     )
     trainer = Trainer(cfg)
-    original = trainer.method.training_step
-
-    def poisoned(labeled, unlabeled, step):
-        out = original(labeled, unlabeled, step)
-        if step == 2:
-            out["loss"] = out["loss"] * float("nan")
-            out["loss_sup"] = out["loss"].detach()
-        return out
-
-    monkeypatch.setattr(trainer.method, "training_step", poisoned)
+    poison_step(trainer, at_step=2, term="loss_sup")
     with pytest.raises(NonFiniteLossError, match=r"step 2: non-finite .*loss_sup=nan") as err:
         trainer.fit()
     assert "step_0000002.pt" in str(err.value)  # the last good checkpoint is kept and named
     assert latest_checkpoint(tmp_path / "nan" / "checkpoints").name == "step_0000002.pt"
 
 
-def test_nonfinite_loss_can_skip_the_step(synthetic_root, tmp_path, monkeypatch):
+def test_nonfinite_loss_can_skip_the_step(synthetic_root, tmp_path):
     cfg = tiny_config(
         synthetic_root,
         tmp_path / "skip",
@@ -144,15 +115,7 @@ def test_nonfinite_loss_can_skip_the_step(synthetic_root, tmp_path, monkeypatch)
         "train.on_nonfinite=skip",
     )
     trainer = Trainer(cfg)
-    original = trainer.method.training_step
-
-    def poisoned(labeled, unlabeled, step):
-        out = original(labeled, unlabeled, step)
-        if step == 1:
-            out["loss"] = out["loss"] * float("nan")
-        return out
-
-    monkeypatch.setattr(trainer.method, "training_step", poisoned)
+    poison_step(trainer, at_step=1)
     result = trainer.fit()
     assert result.steps == 3
     assert all(torch.isfinite(p).all() for p in trainer.method.model.parameters())

@@ -6,8 +6,9 @@ import os
 import random
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -21,8 +22,8 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable, or does not fit the model."""
 
 
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Call ``write`` on a temporary file in the same folder, fsync, then rename over ``path``.
 
     A crash mid-write leaves the previous file intact, never a truncated one.
     """
@@ -31,7 +32,7 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -39,6 +40,11 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """torch.save ``obj`` to ``path`` atomically (see ``atomic_write``)."""
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -17,10 +17,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +27,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from protoseg.config import EvalConfig
+from protoseg.engine.checkpoint import atomic_write
 from protoseg.engine.distributed import all_reduce_sum, get_dist_info
 
 __all__ = [
@@ -323,17 +322,4 @@ def save_result(
             raise ValueError(f"extra key {key!r} would overwrite a result field")
         payload[key] = value
     text = json.dumps(payload, indent=2, allow_nan=False, default=str) + "\n"
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # A temp file in the same directory makes os.replace atomic: readers (and a crash)
-    # see either the old file or the complete new one, never a half-written one.
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))

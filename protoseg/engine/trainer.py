@@ -32,6 +32,7 @@ from protoseg.engine.checkpoint import (
     TRAINING_FORMAT,
     CheckpointError,
     atomic_save,
+    atomic_write,
     checkpoint_dir,
     latest_checkpoint,
     load_file,
@@ -513,6 +514,7 @@ class Trainer:
         if self.best is not None:
             save_result(self.best, self.out_dir / "eval_best.json", names, {"step": self.best_step})
         atomic_save(model_payload(self.cfg, self.method), self.out_dir / "model.pt")
-        (self.out_dir / "history.json").write_text(json.dumps(self.history))
+        history = json.dumps(self.history).encode()
+        atomic_write(self.out_dir / "history.json", lambda handle: handle.write(history))
         self.writer.flush()
         self.writer.close()

@@ -1,0 +1,38 @@
+"""Small shared pieces of the engine tests (importable because pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+
+def tiny_overrides(root, out, *extra: str) -> list[str]:
+    """Overrides that shrink a synthetic recipe to seconds on a CPU (conftest's dataset)."""
+    return [
+        f"data.root={root}",
+        "data.labeled_split=splits/8/labeled.txt",
+        "data.unlabeled_split=splits/8/unlabeled.txt",
+        f"train.out_dir={out}",
+        "data.crop_size=48",
+        "train.batch_size=4",
+        "train.progress=false",
+        "train.checkpoint_every=0",
+        "train.eval_every=0",
+        "method.warmup_epochs=0",
+        "method.sample_grid=8",
+        "train.device=cpu",
+        "train.deterministic=true",
+        *extra,
+    ]
+
+
+def poison_step(trainer, at_step: int, term: str | None = None) -> None:
+    """Make the trainer's method return a NaN loss (and optionally a NaN term) at one step."""
+    original = trainer.method.training_step
+
+    def poisoned(labeled, unlabeled, step):
+        out = original(labeled, unlabeled, step)
+        if step == at_step:
+            out["loss"] = out["loss"] * float("nan")
+            if term:
+                out[term] = out["loss"].detach()
+        return out
+
+    trainer.method.training_step = poisoned
