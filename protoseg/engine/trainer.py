@@ -99,7 +99,7 @@ def steps_per_epoch(num_epoch_samples: int, batch_size: int) -> int:
     return max(1, math.ceil(num_epoch_samples / batch_size))
 
 
-def model_payload(cfg: Config, method: Method, head: str = "linear") -> dict[str, Any]:
+def model_payload(cfg: Config, method: Method) -> dict[str, Any]:
     """A self-contained inference file: weights of the deployed network plus what predict needs."""
     network = method.inference_model("linear")
     payload = {
@@ -251,7 +251,7 @@ class Trainer:
     def resume(self, path: str | Path) -> None:
         """Restore model, teacher, bank, optimiser, schedule, scaler, step and RNG states."""
         data = load_file(path, map_location=self.device)
-        if data.get("format") != "protoseg-training/1":
+        if data.get("format") != TRAINING_FORMAT:
             raise CheckpointError(
                 f"{path}: a model file, not a training checkpoint; "
                 "resume needs a checkpoints/step_*.pt file"
