@@ -39,23 +39,34 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
-    device = torch.device(args.device if args.device != "auto"
-                          else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(
+        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     torch.manual_seed(0)
-    model = create_model(ModelConfig(backbone=args.backbone, output_stride=args.output_stride),
-                         args.classes).to(device).eval()
+    model = (
+        create_model(
+            ModelConfig(backbone=args.backbone, output_stride=args.output_stride), args.classes
+        )
+        .to(device)
+        .eval()
+    )
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     image = torch.randn(1, 3, *args.size, device=device)
     dtype = torch.bfloat16 if args.precision == "bf16" else None
     modes = [("whole image", EvalConfig(mode="whole"))] + [
-        (f"sliding {args.window}/{args.stride}, {b} windows/batch",
-         EvalConfig(mode="sliding", window=args.window, stride=args.stride, windows_per_batch=b))
-        for b in args.batches]
-    print(f"{args.backbone} OS{args.output_stride}, image {args.size[0]}x{args.size[1]}, "
-          f"{device}, {args.precision}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}\n")
+        (
+            f"sliding {args.window}/{args.stride}, {b} windows/batch",
+            EvalConfig(mode="sliding", window=args.window, stride=args.stride, windows_per_batch=b),
+        )
+        for b in args.batches
+    ]
+    print(
+        f"{args.backbone} OS{args.output_stride}, image {args.size[0]}x{args.size[1]}, "
+        f"{device}, {args.precision}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats}\n"
+    )
     print("| mode | s / image | images / s |")
     print("|---|---|---|")
     for name, cfg in modes:

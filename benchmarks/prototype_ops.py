@@ -64,6 +64,42 @@ def timed(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def compare(
+    label: str,
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    prototypes: torch.Tensor,
+    repeats: int,
+    device: torch.device,
+) -> None:
+    """Time and check logits and update against the naive loops; print two table rows."""
+    classes, per_class, dim = prototypes.shape
+    bank = PrototypeBank(classes, per_class, dim).to(device)
+    bank.prototypes.copy_(prototypes)
+    fast = timed(lambda: bank.logits(feats), repeats, device)
+    slow = timed(lambda: naive_logits(bank, feats), repeats, device)
+    diff = (bank.logits(feats) - naive_logits(bank, feats)).abs().max().item()
+    print(
+        f"| logits (Eq. 2) | {label} | {fast:.4f} | {slow:.4f} | {slow / fast:.1f}x | {diff:.1e} |"
+    )
+    twin = PrototypeBank(classes, per_class, dim).to(device)
+
+    def run_fast():
+        bank.prototypes.copy_(prototypes)
+        bank.update(feats, labels)
+
+    def run_slow():
+        twin.prototypes.copy_(prototypes)
+        naive_update(twin, feats, labels)
+
+    fast = timed(run_fast, repeats, device)
+    slow = timed(run_slow, repeats, device)
+    diff = (bank.prototypes - twin.prototypes).abs().max().item()
+    print(
+        f"| update (Eq. 11) | {label} | {fast:.4f} | {slow:.4f} | {slow / fast:.1f}x | {diff:.1e} |"
+    )
+
+
 def main() -> None:
     """Print a Markdown table of median times and speed-ups."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -75,45 +111,27 @@ def main() -> None:
     classes, per_class, dim = 21, 4, 512
     gen = torch.Generator().manual_seed(0)
     sizes = {"16 x 1,024 sampled": 16 * 1024, "16 x 129 x 129 (all, crop 513)": 16 * 129 * 129}
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"C={classes} M={per_class} D={dim}, median of {args.repeats}\n")
+    print(
+        f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"C={classes} M={per_class} D={dim}, median of {args.repeats}\n"
+    )
     print("| operation | pixels | protoseg s | naive loop s | speed-up | max abs diff |")
     print("|---|---|---|---|---|---|")
     for label, n in sizes.items():
         feats = torch.randn(n, dim, generator=gen).to(device)
         labels = torch.randint(0, classes, (n,), generator=gen)
         labels[torch.rand(n, generator=gen) < 0.2] = 255
-        labels = labels.to(device)
-        bank = PrototypeBank(classes, per_class, dim).to(device)
-        bank.prototypes.copy_(torch.randn(classes, per_class, dim, generator=gen).to(device))
-        fast = timed(lambda: bank.logits(feats), args.repeats, device)
-        slow = timed(lambda: naive_logits(bank, feats), args.repeats, device)
-        diff = (bank.logits(feats) - naive_logits(bank, feats)).abs().max().item()
-        print(f"| logits (Eq. 2) | {label} | {fast:.4f} | {slow:.4f} | {slow / fast:.1f}x | "
-              f"{diff:.1e} |")
-        start = bank.prototypes.clone()
-        twin = PrototypeBank(classes, per_class, dim).to(device)
-
-        def run_fast():
-            bank.prototypes.copy_(start)
-            bank.update(feats, labels)
-
-        def run_slow():
-            twin.prototypes.copy_(start)
-            naive_update(twin, feats, labels)
-
-        fast = timed(run_fast, args.repeats, device)
-        slow = timed(run_slow, args.repeats, device)
-        diff = (bank.prototypes - twin.prototypes).abs().max().item()
-        print(f"| update (Eq. 11) | {label} | {fast:.4f} | {slow:.4f} | {slow / fast:.1f}x | "
-              f"{diff:.1e} |")
+        prototypes = torch.randn(classes, per_class, dim, generator=gen)
+        compare(label, feats, labels.to(device), prototypes.to(device), args.repeats, device)
     n = classes * args.kmeans_pixels
     feats = torch.randn(n, dim, generator=gen)
     labels = torch.arange(classes).repeat_interleave(args.kmeans_pixels)
     bank = PrototypeBank(classes, per_class, dim)
     seconds = timed(lambda: bank.init_kmeans(feats, labels), 1, torch.device("cpu"))
-    print(f"| k-means init (scikit-learn, CPU) | {args.kmeans_pixels:,} per class | "
-          f"{seconds:.2f} | - | - | - |")
+    print(
+        f"| k-means init (scikit-learn, CPU) | {args.kmeans_pixels:,} per class | "
+        f"{seconds:.2f} | - | - | - |"
+    )
 
 
 if __name__ == "__main__":

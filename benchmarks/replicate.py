@@ -36,30 +36,47 @@ def mean_std(values: list[float]) -> str:
 
 def summarise(rows: list[dict], methods: list[str], labels: list[str]) -> str:
     """The Markdown summary of all finished runs."""
-    def mious(method: str, label: str) -> dict[int, float]:
-        return {r["seed"]: r["miou"] for r in rows
-                if r["method"] == method and str(r["labeled"]) == label}
 
-    lines = ["| method | " + " | ".join(f"{lab} labels" for lab in labels) + " |",
-             "|---|" + "---|" * len(labels)]
+    def mious(method: str, label: str) -> dict[int, float]:
+        return {
+            r["seed"]: r["miou"]
+            for r in rows
+            if r["method"] == method and str(r["labeled"]) == label
+        }
+
+    lines = [
+        "| method | " + " | ".join(f"{lab} labels" for lab in labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
     for method in methods:
-        cells = [mean_std(list(mious(method, lab).values())) if mious(method, lab) else "-"
-                 for lab in labels]
+        cells = [
+            mean_std(list(mious(method, lab).values())) if mious(method, lab) else "-"
+            for lab in labels
+        ]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     ceiling = mious("supervised", "full")
     if ceiling:
-        lines.append(f"| supervised, all 480 labelled (ceiling) | {mean_std(list(ceiling.values()))}"
-                     + " |" * len(labels))
-    lines += ["", "PCR's margin, per seed (mean ± std of the differences):", "",
-              "| margin | " + " | ".join(f"{lab} labels" for lab in labels) + " |",
-              "|---|" + "---|" * len(labels)]
+        lines.append(
+            f"| supervised, all 480 labelled (ceiling) | {mean_std(list(ceiling.values()))}"
+            + " |" * len(labels)
+        )
+    lines += [
+        "",
+        "PCR's margin, per seed (mean ± std of the differences):",
+        "",
+        "| margin | " + " | ".join(f"{lab} labels" for lab in labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
     for other in ("cutmix_seg", "supervised"):
         cells = []
         for lab in labels:
             pcr, base = mious("pcr", lab), mious(other, lab)
             diffs = [pcr[s] - base[s] for s in pcr if s in base]
-            cells.append(mean_std(diffs) + f" (PCR ahead in {sum(d > 0 for d in diffs)}/"
-                         f"{len(diffs)})" if diffs else "-")
+            cells.append(
+                mean_std(diffs) + f" (PCR ahead in {sum(d > 0 for d in diffs)}/{len(diffs)})"
+                if diffs
+                else "-"
+            )
         lines.append(f"| pcr - {other} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -70,8 +87,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--labels", nargs="+", default=["30", "120"])
     parser.add_argument("--methods", nargs="+", default=["supervised", "cutmix_seg", "pcr"])
-    parser.add_argument("--no-ceiling", action="store_true",
-                        help="skip the fully-labelled supervised runs")
+    parser.add_argument(
+        "--no-ceiling", action="store_true", help="skip the fully-labelled supervised runs"
+    )
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="runs/replicate")
@@ -88,19 +106,27 @@ def main() -> None:
     for method, label, seed in plan:
         if (method, label, seed) in done:
             continue
-        spec = RunSpec(f"{method}_{label}_seed{seed}", f"synthetic/{method}.yaml",
-                       labeled=label)
-        cfg = build_run_config(spec, data_root, out / spec.name, seed, args.iterations,
-                               args.device, ["train.progress=false"])
+        spec = RunSpec(f"{method}_{label}_seed{seed}", f"synthetic/{method}.yaml", labeled=label)
+        cfg = build_run_config(
+            spec,
+            data_root,
+            out / spec.name,
+            seed,
+            args.iterations,
+            args.device,
+            ["train.progress=false"],
+        )
         outcome = train_run(cfg, spec)
         rows.append(outcome.to_dict())
         results_file.write_text(json.dumps(rows, indent=2))
         print(f"{spec.name}: mIoU {outcome.miou:.2f} ({outcome.seconds:.0f} s)", flush=True)
     labels = list(args.labels)
     table = summarise(rows, args.methods, labels)
-    header = (f"Synthetic benchmark, seeds {args.seeds}, recipe configs/synthetic/base.yaml"
-              f"{f', {args.iterations} iterations' if args.iterations else ''}; wall time "
-              f"{(time.perf_counter() - started) / 60:.1f} min for the runs not already done.\n")
+    header = (
+        f"Synthetic benchmark, seeds {args.seeds}, recipe configs/synthetic/base.yaml"
+        f"{f', {args.iterations} iterations' if args.iterations else ''}; wall time "
+        f"{(time.perf_counter() - started) / 60:.1f} min for the runs not already done.\n"
+    )
     (out / "results.md").write_text(header + "\n" + table + "\n")
     print("\n" + header + "\n" + table)
 

@@ -33,13 +33,23 @@ def run_single(args: argparse.Namespace) -> dict:
     from protoseg.methods import WarmupContext, create_method
     from protoseg.models import create_model
 
-    device = torch.device(args.device if args.device != "auto"
-                          else ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = load_config(None, [
-        "data.root=unused", f"data.num_classes={args.classes}", f"model.backbone={args.backbone}",
-        f"model.output_stride={args.output_stride}", f"method.name={args.method}",
-        "method.warmup_epochs=0", f"method.prototypes_per_class={args.prototypes}",
-        f"train.loss={args.loss}", f"train.precision={args.precision}"])
+    device = torch.device(
+        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    cfg = load_config(
+        None,
+        [
+            "data.root=unused",
+            f"data.num_classes={args.classes}",
+            f"model.backbone={args.backbone}",
+            f"model.output_stride={args.output_stride}",
+            f"method.name={args.method}",
+            "method.warmup_epochs=0",
+            f"method.prototypes_per_class={args.prototypes}",
+            f"train.loss={args.loss}",
+            f"train.precision={args.precision}",
+        ],
+    )
     torch.manual_seed(0)
     model = create_model(cfg.model, cfg.data.num_classes).to(device)
     if device.type == "cuda":
@@ -50,12 +60,17 @@ def run_single(args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(0)
 
     def batch():
-        labeled = {"image": torch.randn(args.batch, 3, args.crop, args.crop, generator=gen),
-                   "mask": torch.randint(0, args.classes, (args.batch, args.crop, args.crop),
-                                         generator=gen)}
+        labeled = {
+            "image": torch.randn(args.batch, 3, args.crop, args.crop, generator=gen),
+            "mask": torch.randint(
+                0, args.classes, (args.batch, args.crop, args.crop), generator=gen
+            ),
+        }
         unlabeled = {"image": torch.randn(args.batch, 3, args.crop, args.crop, generator=gen)}
-        return ({k: v.to(device) for k, v in labeled.items()},
-                {k: v.to(device) for k, v in unlabeled.items()})
+        return (
+            {k: v.to(device) for k, v in labeled.items()},
+            {k: v.to(device) for k, v in unlabeled.items()},
+        )
 
     if method.needs_warmup_hook():
         method.on_warmup_end(WarmupContext([batch()[0]], device))
@@ -85,12 +100,21 @@ def run_single(args: argparse.Namespace) -> dict:
     else:
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         memory_kind = "peak RSS"
-    return {"method": args.method, "median_s": statistics.median(times),
-            "min_s": min(times), "max_s": max(times), "steps": len(times),
-            "memory_mib": memory, "memory_kind": memory_kind, "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return {
+        "method": args.method,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "steps": len(times),
+        "memory_mib": memory,
+        "memory_kind": memory_kind,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
 
 
 def main() -> None:
@@ -117,22 +141,26 @@ def main() -> None:
     rows = []
     for name in args.methods:
         cmd = [sys.executable, __file__, "--method", name] + [
-            a for a in sys.argv[1:] if a not in args.methods and a != "--methods"]
+            a for a in sys.argv[1:] if a not in args.methods and a != "--methods"
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     by = {r["method"]: r for r in rows}
-    print(f"\n{args.backbone} OS{args.output_stride}, crop {args.crop}, batch {args.batch}+"
-          f"{args.batch}, {args.precision}, {rows[0]['device']} ({rows[0]['device_name']}, "
-          f"{rows[0]['threads']} threads), torch {rows[0]['torch']}; median of {args.steps} steps\n")
+    print(
+        f"\n{args.backbone} OS{args.output_stride}, crop {args.crop}, batch {args.batch}+"
+        f"{args.batch}, {args.precision}, {rows[0]['device']} ({rows[0]['device_name']}, "
+        f"{rows[0]['threads']} threads), torch {rows[0]['torch']}; median of {args.steps} steps\n"
+    )
     print("| method | step s (median) | min | max | memory MiB | vs cutmix_seg |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        ratio = (f"{r['median_s'] / by['cutmix_seg']['median_s']:.3f}"
-                 if "cutmix_seg" in by else "-")
-        print(f"| {r['method']} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['max_s']:.3f} | "
-              f"{r['memory_mib']:.0f} ({r['memory_kind']}) | {ratio} |")
+        ratio = f"{r['median_s'] / by['cutmix_seg']['median_s']:.3f}" if "cutmix_seg" in by else "-"
+        print(
+            f"| {r['method']} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['max_s']:.3f} | "
+            f"{r['memory_mib']:.0f} ({r['memory_kind']}) | {ratio} |"
+        )
     if args.out:
         with open(args.out, "w") as handle:
             json.dump({"args": vars(args), "rows": rows}, handle, indent=2)
