@@ -187,7 +187,9 @@ def _sync_worker(rank: int, port: int, feats, labels, queue) -> None:
     half = feats.shape[0] // 2
     part = slice(rank * half, (rank + 1) * half)
     bank.update(feats[part], labels[part])
-    queue.put((rank, bank.prototypes.clone()))
+    # A NumPy copy travels by value; a tensor would travel as a shared-memory handle that
+    # the parent can no longer fetch once this process has exited.
+    queue.put((rank, bank.prototypes.numpy().copy()))
     dist.destroy_process_group()
 
 
@@ -204,7 +206,7 @@ def test_two_process_update_gives_identical_banks_equal_to_one_process():
     ]
     for p in procs:
         p.start()
-    results = dict(queue.get() for _ in range(2))
+    results = {rank: torch.from_numpy(array) for rank, array in (queue.get() for _ in range(2))}
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
