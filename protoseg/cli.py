@@ -219,8 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=None, help="override the training length")
     p.add_argument("--device", default="auto")
 
-    for extra in _EXTRA_COMMANDS:
-        extra(sub)
+    from protoseg.analysis.commands import register
+
+    register(sub)  # predict, export, analyze, sweep
     return parser
 
 
@@ -230,15 +231,10 @@ def _version() -> str:
     return f"protoseg {__version__}"
 
 
-# Other modules register sub-commands here (predict, export, analyze, sweep, bench).
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``protoseg`` command."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _setup_logging(_rank())
-    _load_extra_commands()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -252,14 +248,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-
-def _load_extra_commands() -> None:
-    if _EXTRA_COMMANDS:
-        return
-    from protoseg.analysis.commands import register
-
-    _EXTRA_COMMANDS.append(register)
 
 
 if __name__ == "__main__":

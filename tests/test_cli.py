@@ -11,9 +11,6 @@ from protoseg.config import ConfigError, load_config, shipped_config_dir
 
 
 def test_every_command_has_help(capsys):
-    from protoseg.cli import _load_extra_commands
-
-    _load_extra_commands()
     parser = build_parser()
     commands = [
         ["train"],

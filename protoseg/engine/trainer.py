@@ -156,6 +156,7 @@ class Trainer:
         if cfg.train.compile:
             forward = torch.compile(forward)  # type: ignore[assignment]
         self.method.set_student_forward(forward)
+        self.student_forward = forward
         torch.manual_seed(cfg.train.seed + dist_info.rank)
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.optim.poly_power)
@@ -446,7 +447,7 @@ class Trainer:
 
     def _train_step(self, labeled_iter, unlabeled_iter) -> dict[str, float]:
         totals: dict[str, float] = {}
-        ddp = self.method._student_forward[0]
+        ddp = self.student_forward
         for micro in range(self.accum_steps):
             labeled = self._to_device(next(labeled_iter))
             unlabeled = (
