@@ -1,12 +1,12 @@
 """The demo's comparison over several seeds and label fractions: mean and spread per method.
 
 Trains supervised, cutmix_seg and pcr (the demo's recipe, configs/synthetic/) on the built-in
-synthetic set at 1/16 (30) and 1/4 (120) of its 480 training images, for every seed, plus the
+synthetic set at 1/16 (16) and 1/4 (64) of its 256 training images, for every seed, plus the
 fully-labelled supervised ceiling; writes ``results.json`` (one row per run, appended as runs
 finish, so an interrupted benchmark resumes) and ``results.md`` (mean ± std over seeds, and
 PCR's per-seed margins over cutmix_seg and supervised).
 
-    python benchmarks/replicate.py --seeds 0 1 2 --labels 30 120 --out runs/replicate
+    python benchmarks/replicate.py --seeds 0 1 2 --labels 16 64 --out runs/replicate
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from protoseg.data import DEFAULT_LABEL_COUNTS, DEFAULT_NUM_TRAIN  # noqa: E402
 from protoseg.demo import (  # noqa: E402
     RunSpec,
     build_run_config,
@@ -57,8 +58,8 @@ def summarise(rows: list[dict], methods: list[str], labels: list[str]) -> str:
     ceiling = mious("supervised", "full")
     if ceiling:
         lines.append(
-            f"| supervised, all 480 labelled (ceiling) | {mean_std(list(ceiling.values()))}"
-            + " |" * len(labels)
+            f"| supervised, all {DEFAULT_NUM_TRAIN} labelled (ceiling) | "
+            f"{mean_std(list(ceiling.values()))}" + " |" * len(labels)
         )
     lines += [
         "",
@@ -85,7 +86,7 @@ def main() -> None:
     """Run (or resume) every seed x label fraction x method and write the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--labels", nargs="+", default=["30", "120"])
+    parser.add_argument("--labels", nargs="+", default=[str(n) for n in DEFAULT_LABEL_COUNTS])
     parser.add_argument("--methods", nargs="+", default=["supervised", "cutmix_seg", "pcr"])
     parser.add_argument(
         "--no-ceiling", action="store_true", help="skip the fully-labelled supervised runs"

@@ -28,12 +28,13 @@ def _rank() -> int:
 # ---- data ------------------------------------------------------------------------------------
 def cmd_data_synthetic(args: argparse.Namespace) -> int:
     """Write the synthetic dataset in the VOC layout."""
-    from protoseg.data import generate_synthetic
+    from protoseg.data import DEFAULT_LABEL_COUNTS, DEFAULT_NUM_TRAIN, generate_synthetic
 
-    counts = [int(x) for x in args.labels.split(",") if x]
+    labels = args.labels if args.labels is not None else ",".join(map(str, DEFAULT_LABEL_COUNTS))
+    counts = [int(x) for x in labels.split(",") if x]
     root = generate_synthetic(
         args.out,
-        num_train=args.num_train,
+        num_train=args.num_train if args.num_train is not None else DEFAULT_NUM_TRAIN,
         num_val=args.num_val,
         image_size=args.image_size,
         label_counts=counts,
@@ -168,11 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-train", type=int, default=480)
+    # The defaults live in protoseg.data.synthetic; the CLI imports it lazily to start fast.
+    p.add_argument("--num-train", type=int, default=None, help="train images (default 256)")
     p.add_argument("--num-val", type=int, default=96)
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument(
-        "--labels", default="30,120", help="comma-separated labelled-set sizes to write splits for"
+        "--labels",
+        default=None,
+        help="comma-separated labelled-set sizes to write splits for (default 16,64)",
     )
     p = _add(
         data_sub,

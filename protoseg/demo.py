@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from protoseg.config import Config, load_config
-from protoseg.data import SYNTHETIC_CLASSES, generate_synthetic
+from protoseg.data import DEFAULT_LABEL_COUNTS, SYNTHETIC_CLASSES, generate_synthetic
 
 log = logging.getLogger(__name__)
 
-# Labelled-set sizes written by the demo's generator: 1/16 and 1/4 of its 480 train images.
-DEMO_LABEL_COUNTS = (30, 120)
+# Labelled-set sizes written by the demo's generator: 1/16 and 1/4 of its train images.
+DEMO_LABEL_COUNTS = DEFAULT_LABEL_COUNTS
 
 
 @dataclass

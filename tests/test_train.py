@@ -29,7 +29,7 @@ def test_poly_schedule_values():
 
 def test_supervised_training_beats_chance(synthetic_root, tmp_path):
     cfg = tiny_config(
-        synthetic_root, tmp_path / "run", "supervised", "train.iterations=60", "optim.lr=0.02"
+        synthetic_root, tmp_path / "run", "supervised", "train.iterations=100", "optim.lr=0.03"
     )
     result = Trainer(cfg).fit()
     miou = result.final["linear"].miou

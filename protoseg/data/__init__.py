@@ -15,7 +15,12 @@ from protoseg.data.sampling import (
     split_batch_sizes,
 )
 from protoseg.data.splits import DataError, make_split, read_split, write_split
-from protoseg.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic
+from protoseg.data.synthetic import (
+    DEFAULT_LABEL_COUNTS,
+    DEFAULT_NUM_TRAIN,
+    SYNTHETIC_CLASSES,
+    generate_synthetic,
+)
 from protoseg.data.transforms import denormalize, eval_transform, train_transform
 
 __all__ = [
@@ -33,6 +38,8 @@ __all__ = [
     "denormalize",
     "eval_transform",
     "generate_synthetic",
+    "DEFAULT_LABEL_COUNTS",
+    "DEFAULT_NUM_TRAIN",
     "make_split",
     "read_split",
     "save_mask_png",
