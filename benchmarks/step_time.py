@@ -48,6 +48,7 @@ def run_single(args: argparse.Namespace) -> dict:
             f"method.prototypes_per_class={args.prototypes}",
             f"train.loss={args.loss}",
             f"train.precision={args.precision}",
+            *args.set,
         ],
     )
     torch.manual_seed(0)
@@ -134,6 +135,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None, help="write the results as JSON")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more config overrides, e.g. model.head_channels=64",
+    )
     args = parser.parse_args()
     if args.method:
         print(json.dumps(run_single(args)))
@@ -151,7 +159,8 @@ def main() -> None:
     print(
         f"\n{args.backbone} OS{args.output_stride}, crop {args.crop}, batch {args.batch}+"
         f"{args.batch}, {args.precision}, {rows[0]['device']} ({rows[0]['device_name']}, "
-        f"{rows[0]['threads']} threads), torch {rows[0]['torch']}; median of {args.steps} steps\n"
+        f"{rows[0]['threads']} threads), torch {rows[0]['torch']}; median of {args.steps} steps"
+        f"{'; ' + ' '.join(args.set) if args.set else ''}\n"
     )
     print("| method | step s (median) | min | max | memory MiB | vs cutmix_seg |")
     print("|---|---|---|---|---|---|")

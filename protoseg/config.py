@@ -354,3 +354,54 @@ def from_dict(data: dict[str, Any]) -> Config:
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# What makes a checkpoint a different experiment. Everything else (paths, device, workers,
+# logging, checkpoint and evaluation cadence, the per-device batch) may change on resume;
+# model.pretrained only matters at initialisation, which a resume replaces.
+RECIPE_KEYS: tuple[str, ...] = (
+    "model.",
+    "method.",
+    "optim.",
+    "data.num_classes",
+    "data.ignore_index",
+    "data.labeled_split",
+    "data.unlabeled_split",
+    "data.mean",
+    "data.std",
+    "data.crop_size",
+    "data.scale_range",
+    "data.hflip",
+    "data.epoch_over",
+    "train.epochs",
+    "train.iterations",
+    "train.batch_size",
+    "train.loss",
+    "train.ohem_threshold",
+    "train.ohem_min_kept",
+    "train.aux_weight",
+    "train.seed",
+    "train.precision",
+)
+_RESUME_FREE_KEYS: tuple[str, ...] = ("model.pretrained",)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def recipe_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for each recipe key that differs between two ``to_dict`` configs."""
+    old, new = _flatten(saved), _flatten(current)
+    changes = []
+    for key in sorted(old.keys() & new.keys()):
+        is_recipe = any(key == k or (k.endswith(".") and key.startswith(k)) for k in RECIPE_KEYS)
+        if is_recipe and key not in _RESUME_FREE_KEYS and old[key] != new[key]:
+            changes.append(f"{key}: {old[key]!r} -> {new[key]!r}")
+    return changes

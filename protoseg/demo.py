@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from protoseg.config import Config, load_config
 from protoseg.data import DEFAULT_LABEL_COUNTS, SYNTHETIC_CLASSES, generate_synthetic
+from protoseg.data.splits import DataError
+from protoseg.data.synthetic import STAMP_FILE, synthetic_stamp
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +142,22 @@ def train_run(cfg: Config, spec: RunSpec) -> RunOutcome:
 
 
 def ensure_dataset(data_root: Path, seed: int = 0) -> Path:
-    """Generate the synthetic set once (generation is deterministic from the seed)."""
-    if not (data_root / "splits" / "val.txt").is_file():
-        log.info("generating the synthetic dataset in %s", data_root)
-        generate_synthetic(data_root, label_counts=DEMO_LABEL_COUNTS, seed=seed)
+    """Generate the synthetic set unless ``data_root`` already holds this version of it."""
+    stamp = data_root / STAMP_FILE
+    expected = synthetic_stamp(label_counts=DEMO_LABEL_COUNTS, seed=seed)
+    if stamp.is_file() and json.loads(stamp.read_text()) == expected:
+        return data_root
+    if data_root.exists() and any(data_root.iterdir()):
+        if not (stamp.is_file() or (data_root / "classes.txt").is_file()):
+            raise DataError(
+                f"{data_root} exists and is not a synthetic dataset written by protoseg; "
+                "choose another --out folder"
+            )
+        # Left by another protoseg version: its images and splits may differ from this one's.
+        log.info("replacing the synthetic dataset in %s (another generator version)", data_root)
+        shutil.rmtree(data_root)
+    log.info("generating the synthetic dataset in %s", data_root)
+    generate_synthetic(data_root, label_counts=DEMO_LABEL_COUNTS, seed=seed)
     return data_root
 
 

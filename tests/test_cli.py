@@ -147,3 +147,36 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         assert (tmp_path / "demo" / png).stat().st_size > 2000
     rows = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert [r["name"] for r in rows] == ["supervised", "cutmix_seg", "pcr"]
+
+
+def test_demo_regenerates_a_stale_dataset_and_keeps_foreign_folders(tmp_path):
+    from protoseg.data.splits import DataError
+    from protoseg.data.synthetic import STAMP_FILE
+    from protoseg.demo import ensure_dataset
+
+    root = ensure_dataset(tmp_path / "data")
+    stamp = json.loads((root / STAMP_FILE).read_text())
+    assert (root / "splits" / str(stamp["label_counts"][0]) / "labeled.txt").is_file()
+    marker = root / "left_by_an_old_version.txt"
+    marker.write_text("x")
+    ensure_dataset(root)
+    assert marker.is_file()  # the current version is reused as it is
+    (root / STAMP_FILE).write_text(json.dumps({**stamp, "version": -1}))
+    ensure_dataset(root)
+    assert not marker.exists() and json.loads((root / STAMP_FILE).read_text()) == stamp
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="not a synthetic dataset written by protoseg"):
+        ensure_dataset(foreign)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_synthetic_help_states_the_generator_defaults(capsys):
+    from protoseg.data import DEFAULT_LABEL_COUNTS, DEFAULT_NUM_TRAIN
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["data", "synthetic", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default {DEFAULT_NUM_TRAIN})" in text
+    assert f"(default {','.join(map(str, DEFAULT_LABEL_COUNTS))})" in text

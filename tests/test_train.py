@@ -68,6 +68,20 @@ def test_resume_matches_an_uninterrupted_run(synthetic_root, tmp_path, method):
         assert torch.equal(ckpt["method"]["bank.prototypes"], resumed.method.bank.prototypes)
 
 
+def test_resume_refuses_a_checkpoint_of_another_recipe(synthetic_root, tmp_path):
+    extra = ["train.iterations=4", "train.checkpoint_every=2"]
+    first = tiny_config(synthetic_root, tmp_path / "r", "supervised", *extra)
+    Trainer(first).fit(max_steps=2)
+    changed = tiny_config(synthetic_root, tmp_path / "r", "supervised", *extra, "optim.lr=0.5")
+    with pytest.raises(CheckpointError, match=r"step_0000002.pt was written by a different") as e:
+        Trainer(changed).fit()
+    assert f"optim.lr: {first.optim.lr!r} -> 0.5" in str(e.value)
+    assert "new train.out_dir" in str(e.value)
+    # Cadence, logging and device keys may change between a run and its resume.
+    free = tiny_config(synthetic_root, tmp_path / "r", "supervised", *extra, "train.log_every=1")
+    assert Trainer(free).fit().steps == 4
+
+
 def test_gradient_accumulation_matches_the_full_batch_without_bn(synthetic_root, tmp_path):
     """max_device_batch splits a total batch; with BN in eval-like mode the update is equal."""
     extra = ["train.iterations=2", "model.dropout=0"]

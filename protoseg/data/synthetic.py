@@ -9,6 +9,7 @@ pixel noise and blur. The output uses the VOC layout that ``data.layout=voc`` re
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -58,6 +59,9 @@ _SIZE_JITTER = 16
 # 2-6 mIoU of the fully labelled ceiling in supervised-only runs; 16 labels leave a clear gap.
 DEFAULT_NUM_TRAIN = 256
 DEFAULT_LABEL_COUNTS: tuple[int, ...] = (16, 64)
+# Bumped whenever the same arguments would render different images or splits.
+GENERATOR_VERSION = 2
+STAMP_FILE = "synthetic.json"
 
 
 @dataclass(frozen=True)
@@ -326,4 +330,25 @@ def generate_synthetic(
     write_split(out / "splits" / "full" / "labeled.txt", train)
     write_split(out / "splits" / "full" / "unlabeled.txt", train)
     write_split(out / "classes.txt", SYNTHETIC_CLASSES)
+    (out / STAMP_FILE).write_text(
+        json.dumps(synthetic_stamp(num_train, num_val, image_size, label_counts, seed), indent=2)
+    )
     return out
+
+
+def synthetic_stamp(
+    num_train: int = DEFAULT_NUM_TRAIN,
+    num_val: int = 96,
+    image_size: int = 96,
+    label_counts: Sequence[int] = DEFAULT_LABEL_COUNTS,
+    seed: int = 0,
+) -> dict:
+    """What ``generate_synthetic`` records in ``synthetic.json``: its version and arguments."""
+    return {
+        "version": GENERATOR_VERSION,
+        "num_train": num_train,
+        "num_val": num_val,
+        "image_size": image_size,
+        "label_counts": list(label_counts),
+        "seed": seed,
+    }

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from protoseg import __version__
-from protoseg.config import Config, save_config, to_dict
+from protoseg.config import Config, recipe_changes, save_config, to_dict
 from protoseg.data import (
     GlobalBatchSampler,
     build_dataset,
@@ -256,6 +256,12 @@ class Trainer:
             raise CheckpointError(
                 f"{path}: a model file, not a training checkpoint; "
                 "resume needs a checkpoints/step_*.pt file"
+            )
+        changes = recipe_changes(data.get("config") or {}, to_dict(self.cfg))
+        if changes:
+            raise CheckpointError(
+                f"{path} was written by a different recipe ({'; '.join(changes)}); "
+                f"train into a new train.out_dir, or delete {Path(path).parent} to start over"
             )
         load_state_strict(self.method, data["method"], path, "method")
         self.optimizer.load_state_dict(data["optimizer"])
