@@ -30,8 +30,11 @@ def cmd_data_synthetic(args: argparse.Namespace) -> int:
     """Write the synthetic dataset in the VOC layout."""
     from protoseg.data import DEFAULT_LABEL_COUNTS, DEFAULT_NUM_TRAIN, generate_synthetic
 
-    labels = args.labels if args.labels is not None else ",".join(map(str, DEFAULT_LABEL_COUNTS))
-    counts = [int(x) for x in labels.split(",") if x]
+    counts = (
+        [int(x) for x in args.labels.split(",") if x]
+        if args.labels is not None
+        else list(DEFAULT_LABEL_COUNTS)
+    )
     root = generate_synthetic(
         args.out,
         num_train=args.num_train if args.num_train is not None else DEFAULT_NUM_TRAIN,

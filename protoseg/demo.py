@@ -20,9 +20,6 @@ from protoseg.data.synthetic import STAMP_FILE, synthetic_stamp
 
 log = logging.getLogger(__name__)
 
-# Labelled-set sizes written by the demo's generator: 1/16 and 1/4 of its train images.
-DEMO_LABEL_COUNTS = DEFAULT_LABEL_COUNTS
-
 
 @dataclass
 class RunSpec:
@@ -31,7 +28,7 @@ class RunSpec:
     name: str
     config: str
     overrides: list[str] = field(default_factory=list)
-    labeled: int | str = DEMO_LABEL_COUNTS[0]
+    labeled: int | str = DEFAULT_LABEL_COUNTS[0]  # 1/16
     head: str = "linear"
 
 
@@ -80,7 +77,7 @@ def default_runs(full: bool = False, methods: list[str] | None = None) -> list[R
                 ),
                 RunSpec(f"pcr_{aug}", "synthetic/pcr.yaml", [f"method.strong_aug={aug}"]),
             ]
-        quarter = DEMO_LABEL_COUNTS[1]
+        quarter = DEFAULT_LABEL_COUNTS[1]
         runs += [
             RunSpec(f"{m}_{quarter}", f"synthetic/{m}.yaml", labeled=quarter)
             for m in ("supervised", "cutmix_seg", "pcr")
@@ -144,7 +141,7 @@ def train_run(cfg: Config, spec: RunSpec) -> RunOutcome:
 def ensure_dataset(data_root: Path, seed: int = 0) -> Path:
     """Generate the synthetic set unless ``data_root`` already holds this version of it."""
     stamp = data_root / STAMP_FILE
-    expected = synthetic_stamp(label_counts=DEMO_LABEL_COUNTS, seed=seed)
+    expected = synthetic_stamp(seed=seed)
     if stamp.is_file() and json.loads(stamp.read_text()) == expected:
         return data_root
     if data_root.exists() and any(data_root.iterdir()):
@@ -157,7 +154,7 @@ def ensure_dataset(data_root: Path, seed: int = 0) -> Path:
         log.info("replacing the synthetic dataset in %s (another generator version)", data_root)
         shutil.rmtree(data_root)
     log.info("generating the synthetic dataset in %s", data_root)
-    generate_synthetic(data_root, label_counts=DEMO_LABEL_COUNTS, seed=seed)
+    generate_synthetic(data_root, seed=seed)
     return data_root
 
 

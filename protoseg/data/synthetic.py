@@ -59,6 +59,8 @@ _SIZE_JITTER = 16
 # 2-6 mIoU of the fully labelled ceiling in supervised-only runs; 16 labels leave a clear gap.
 DEFAULT_NUM_TRAIN = 256
 DEFAULT_LABEL_COUNTS: tuple[int, ...] = (16, 64)
+DEFAULT_NUM_VAL = 96
+DEFAULT_IMAGE_SIZE = 96
 # Bumped whenever the same arguments would render different images or splits.
 GENERATOR_VERSION = 2
 STAMP_FILE = "synthetic.json"
@@ -295,8 +297,8 @@ def _write_one(job: tuple[Path, int, str, int, int]) -> None:
 def generate_synthetic(
     out: str | Path,
     num_train: int = DEFAULT_NUM_TRAIN,
-    num_val: int = 96,
-    image_size: int = 96,
+    num_val: int = DEFAULT_NUM_VAL,
+    image_size: int = DEFAULT_IMAGE_SIZE,
     label_counts: Sequence[int] = DEFAULT_LABEL_COUNTS,
     seed: int = 0,
     workers: int = 1,
@@ -338,8 +340,8 @@ def generate_synthetic(
 
 def synthetic_stamp(
     num_train: int = DEFAULT_NUM_TRAIN,
-    num_val: int = 96,
-    image_size: int = 96,
+    num_val: int = DEFAULT_NUM_VAL,
+    image_size: int = DEFAULT_IMAGE_SIZE,
     label_counts: Sequence[int] = DEFAULT_LABEL_COUNTS,
     seed: int = 0,
 ) -> dict:
