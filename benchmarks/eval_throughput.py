@@ -24,7 +24,7 @@ def main() -> None:
     import torch
 
     from protoseg.config import EvalConfig, ModelConfig
-    from protoseg.engine.evaluator import infer_logits
+    from protoseg.inference import infer_logits
     from protoseg.models import create_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from protoseg.prototypes import PrototypeBank
+from protoseg.components.prototypes import PrototypeBank
 
 
 def naive_logits(bank: PrototypeBank, feats: torch.Tensor) -> torch.Tensor:

@@ -11,9 +11,9 @@ _LAZY = {
     "Config": ("protoseg.config", "Config"),
     "create_model": ("protoseg.models", "create_model"),
     "create_method": ("protoseg.methods", "create_method"),
-    "PrototypeBank": ("protoseg.prototypes", "PrototypeBank"),
+    "PrototypeBank": ("protoseg.components.prototypes", "PrototypeBank"),
     "Trainer": ("protoseg.engine.trainer", "Trainer"),
-    "load": ("protoseg.analysis.predict", "load"),
+    "load": ("protoseg.inference", "load"),
 }
 
 

@@ -8,6 +8,7 @@ Unknown keys and wrong types are errors that name the key.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,39 +83,36 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    """The training method and its hyper-parameters (see protoseg.methods.METHODS)."""
+    """The base of every method's hyper-parameter dataclass (``method:`` in the YAML).
+
+    A method declares its own subclass next to its code and registers it with
+    ``protoseg.methods.register_method``; the ``method:`` section is validated against the
+    dataclass of the method that ``method.name`` names.
+    """
 
     name: str = "supervised"
-    # Supervised warm-up before any unlabelled loss, in epochs (the release: 1).
-    warmup_epochs: float = 1.0
-    ema_decay: float = 0.99
-    # "forward": teacher BN statistics from a train-mode no-grad forward (the release);
-    # "copy": copy the student's BN buffers at every EMA step (cheaper).
-    teacher_bn: str = "forward"
-    confidence_threshold: float = 0.8
-    unsup_weight: float = 1.0
-    # Strong augmentation of the student's unlabelled view: cutmix | cutout | classmix.
-    strong_aug: str = "cutmix"
-    mix_prob: float = 0.5
-    # Mean Teacher consistency: Gaussian noise std added to the student's view.
-    mt_noise_std: float = 0.1
-    # PCR: prototype bank and branch.
-    prototypes_per_class: int = 4
-    prototype_momentum: float = 0.99
-    temperature: float = 0.1
-    proto_loss_weight: float = 1.0
-    # One random pixel per cell of a grid x grid layout over the input; 0 = every pixel.
-    sample_grid: int = 32
-    # Table 4 ablations: (1) linear_head only, (2) proto_head only, (3) update_prototypes off.
-    linear_head: bool = True
-    proto_head: bool = True
-    update_prototypes: bool = True
-    # "batch_mean": one EMA step per prototype per batch (the release);
-    # "per_pixel": Eq. 11 applied pixel by pixel (the paper's reading).
-    update_rule: str = "batch_mean"
-    init_pixels_per_class: int = 4000
-    # Load the initial bank from this file instead of running k-means.
-    init_bank: str = ""
+
+    def check(self) -> None:
+        """Raise ValueError for values that types alone cannot rule out (subclasses extend)."""
+
+
+# method name -> its config dataclass; filled by protoseg.methods.register_method.
+METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
+
+
+def method_config_class(name: str) -> type[MethodConfig]:
+    """The config dataclass of the registered method ``name`` (ConfigError if unknown)."""
+    if name not in METHOD_CONFIGS:
+        # Registration happens when the method modules are imported.
+        import protoseg.methods  # noqa: F401
+    if name not in METHOD_CONFIGS:
+        close = difflib.get_close_matches(name, METHOD_CONFIGS, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"method.name={name!r} is not a registered method.{hint} "
+            f"Choose one of {', '.join(sorted(METHOD_CONFIGS))}"
+        )
+    return METHOD_CONFIGS[name]
 
 
 @dataclass
@@ -169,8 +167,8 @@ class EvalConfig:
     window: int = 769
     stride: int = 513
     windows_per_batch: int = 4
-    # Also report the prototype head's mIoU (methods with a prototype bank).
-    prototype_head: bool = False
+    # Also report every other head of the method (e.g. PCR's prototype head).
+    all_heads: bool = False
     flip: bool = False
     scales: list[float] = field(default_factory=lambda: [1.0])
 
@@ -181,7 +179,8 @@ class Config:
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    # The chosen method's own dataclass (a MethodConfig subclass).
+    method: Any = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -189,9 +188,6 @@ class Config:
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.epoch_over": ("unlabeled", "labeled"),
-    "method.teacher_bn": ("forward", "copy"),
-    "method.strong_aug": ("cutmix", "cutout", "classmix"),
-    "method.update_rule": ("batch_mean", "per_pixel"),
     "train.loss": ("ce", "ohem"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.on_nonfinite": ("stop", "skip"),
@@ -258,21 +254,27 @@ def validate(cfg: Config) -> Config:
         "data.num_classes",
         "data.crop_size",
         "train.batch_size",
+        "train.epochs",
+        "train.log_every",
         "optim.lr",
-        "method.prototypes_per_class",
-        "method.temperature",
         "eval.window",
         "eval.stride",
     ]
     for key in positive:
         if flat[key] <= 0:
             raise ConfigError(f"{key}={flat[key]} must be > 0")
-    if not 0.0 <= cfg.method.confidence_threshold <= 1.0:
-        raise ConfigError("method.confidence_threshold must lie in [0, 1]")
-    if not 0.0 <= cfg.method.prototype_momentum < 1.0:
-        raise ConfigError("method.prototype_momentum must lie in [0, 1)")
+    if cfg.train.iterations < 0:
+        raise ConfigError(
+            f"train.iterations={cfg.train.iterations} must be >= 0 (0 = use train.epochs)"
+        )
     if cfg.model.output_stride not in (8, 16, 32):
         raise ConfigError("model.output_stride must be 8, 16 or 32")
+    if cfg.data.crop_size < 2 * cfg.model.output_stride:
+        raise ConfigError(
+            f"data.crop_size={cfg.data.crop_size} is too small for model.output_stride="
+            f"{cfg.model.output_stride}: the deepest feature map would be under 2 x 2 pixels; "
+            f"use a crop of at least {2 * cfg.model.output_stride}"
+        )
     lo, hi = (cfg.data.scale_range + [0, 0])[:2]
     if len(cfg.data.scale_range) != 2 or not 0 < lo <= hi:
         raise ConfigError("data.scale_range must be [min, max] with 0 < min <= max")
@@ -283,10 +285,19 @@ def validate(cfg: Config) -> Config:
         )
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
         raise ConfigError("data.mean and data.std need three values (RGB)")
-    if not cfg.method.linear_head and not cfg.method.proto_head:
-        raise ConfigError("method.linear_head and method.proto_head cannot both be false")
     if cfg.train.max_device_batch < 0 or cfg.train.keep_last < 1:
         raise ConfigError("train.max_device_batch must be >= 0 and train.keep_last >= 1")
+    if cfg.train.batch_size == 1 or cfg.train.max_device_batch == 1:
+        raise ConfigError(
+            "train.batch_size and train.max_device_batch must be >= 2: BatchNorm cannot "
+            "normalise a batch of one image (ASPP's image-pooling branch is 1 x 1)"
+        )
+    if not isinstance(cfg.method, MethodConfig):
+        raise ConfigError("the method section must be a registered method's config dataclass")
+    try:
+        cfg.method.check()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return cfg
 
 
@@ -315,21 +326,37 @@ def find_config(name: str | Path) -> Path:
     )
 
 
+def _method_schema(name: str) -> Any:
+    return OmegaConf.structured(Config(method=method_config_class(name)()))
+
+
+def _method_name(*layers: Any) -> str:
+    """The ``method.name`` the last layer that sets one gives (default: supervised)."""
+    name = MethodConfig.name
+    for layer in layers:
+        method = layer.get("method") if hasattr(layer, "get") else None
+        if method is not None and hasattr(method, "get") and method.get("name") is not None:
+            name = str(method.get("name"))
+    return name
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (with its ``base:`` parents) and dotted overrides into a Config.
 
-    ``path`` may also name a shipped recipe, e.g. ``voc/classic/92/pcr.yaml``.
+    ``path`` may also name a shipped recipe, e.g. ``voc/classic/92/pcr.yaml``. The
+    ``method:`` section is checked against the dataclass of the method it names.
     """
-    schema = OmegaConf.structured(Config)
-    layers = []
+    layers: list[Any] = []
     source = "defaults"
     if path is not None:
         path = find_config(path)
         source = str(path)
         layers.append(_read_yaml(path))
+    parsed = _parse_overrides(overrides) if overrides else None
+    schema = _method_schema(_method_name(*layers, *([parsed] if parsed is not None else [])))
     merged = _merge(schema, *layers, source=source)
-    if overrides:
-        merged = _merge(merged, _parse_overrides(overrides), source="command-line override")
+    if parsed is not None:
+        merged = _merge(merged, parsed, source="command-line override")
     try:
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
@@ -345,9 +372,20 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a Config from ``to_dict`` output (as stored in a checkpoint)."""
-    merged = _merge(OmegaConf.structured(Config), data, source="checkpoint config")
+def from_dict(data: dict[str, Any], with_method: bool = True) -> Config:
+    """Rebuild a Config from ``to_dict`` output (as stored in a checkpoint or model file).
+
+    ``with_method=False`` keeps only the method's name (inference needs no training
+    hyper-parameters, and a model file of an older version may carry other method keys).
+    """
+    data = dict(data)
+    name = str((data.get("method") or {}).get("name", MethodConfig.name))
+    if with_method:
+        schema = _method_schema(name)
+    else:
+        data["method"] = {"name": name}
+        schema = OmegaConf.structured(Config(method=MethodConfig()))
+    merged = _merge(schema, data, source="checkpoint config")
     return validate(OmegaConf.to_object(merged))  # type: ignore[arg-type]
 
 

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 
-def tiny_overrides(root, out, *extra: str) -> list[str]:
+# Per method, what takes its unlabelled losses from the first step on the tiny set.
+METHOD_OVERRIDES = {
+    "supervised": [],
+    "mean_teacher": ["method.warmup_epochs=0"],
+    "cutmix_seg": ["method.warmup_epochs=0"],
+    "pcr": ["method.warmup_epochs=0", "method.prototypes.sample_grid=8"],
+}
+
+
+def tiny_overrides(root, out, *extra: str, method: str = "supervised") -> list[str]:
     """Overrides that shrink a synthetic recipe to seconds on a CPU (conftest's dataset)."""
     return [
         f"data.root={root}",
@@ -15,10 +24,9 @@ def tiny_overrides(root, out, *extra: str) -> list[str]:
         "train.progress=false",
         "train.checkpoint_every=0",
         "train.eval_every=0",
-        "method.warmup_epochs=0",
-        "method.sample_grid=8",
         "train.device=cpu",
         "train.deterministic=true",
+        *METHOD_OVERRIDES[method],
         *extra,
     ]
 

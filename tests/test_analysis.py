@@ -16,27 +16,27 @@ from PIL import Image
 from protoseg.analysis.discrimination import _sample_map, scatter_traces, select_pixels
 from protoseg.analysis.export import export_onnx, sidecar_path
 from protoseg.analysis.infer import predict_paths
-from protoseg.analysis.predict import Predictor, load
+from protoseg.inference import Predictor, load
 from protoseg.analysis.qualitative import load_val_examples
-from protoseg.analysis.sweep import collect, plan_sweep, split_values
+from protoseg.cli.sweep import collect, plan_sweep, split_values
 from protoseg.cli import main
 from protoseg.config import ConfigError, load_config
 from protoseg.data import build_dataset, eval_transform, generate_synthetic
-from protoseg.engine.checkpoint import CheckpointError
+from protoseg.files import CheckpointError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 NUM_CLASSES = 6
 
 
-def _train_overrides(root: Path, out: Path, iterations: int = 3) -> list[str]:
+def _train_overrides(root: Path, out: Path, iterations: int = 3, method: str = "pcr") -> list[str]:
     return [
         f"data.root={root}",
         "data.labeled_split=splits/6/labeled.txt",
         "data.unlabeled_split=splits/6/unlabeled.txt",
         f"train.out_dir={out}",
         f"train.iterations={iterations}",
-        "method.warmup_epochs=0",
+        *(["method.warmup_epochs=0"] if method != "supervised" else []),
         "data.crop_size=48",
         "train.batch_size=2",
         "train.progress=false",
@@ -89,7 +89,7 @@ def test_prototype_head_predicts(tiny: dict[str, Path]) -> None:
     proto = load(tiny["model"], head="prototype")
     mask = proto.predict(Image.new("RGB", (27, 19), (120, 60, 30)))
     assert mask.shape == (19, 27) and mask.max() < NUM_CLASSES
-    with pytest.raises(ValueError, match="unknown head"):
+    with pytest.raises(ValueError, match="has no 'knn' head"):
         load(tiny["model"], head="knn")
 
 
@@ -322,7 +322,9 @@ def test_sweep_parsing() -> None:
 # The supervised recipe trains fastest; the sweep machinery does not depend on the method.
 def test_sweep_runs_and_collects(tiny: dict[str, Path], tmp_path: Path, capsys) -> None:
     out = tmp_path / "sweep"
-    overrides = [o for o in _train_overrides(tiny["root"], out, 2) if "out_dir" not in o]
+    overrides = [
+        o for o in _train_overrides(tiny["root"], out, 2, "supervised") if "out_dir" not in o
+    ]
     args = [
         "sweep",
         "synthetic/supervised.yaml",

@@ -79,7 +79,7 @@ def test_train_then_eval_from_the_cli(synthetic_root, tmp_path, capsys):
         "train.iterations=3",
         "train.progress=false",
         "method.warmup_epochs=0",
-        "method.sample_grid=8",
+        "method.prototypes.sample_grid=8",
     ]
     assert main(["train", "synthetic/pcr.yaml", *args, f"train.out_dir={run}"]) == 0
     out = capsys.readouterr().out
@@ -125,7 +125,7 @@ def test_every_shipped_config_loads():
     assert cells == 3 * (5 + 4 + 4)  # Tables 1-3, three methods each
     voc = load_config("voc/classic/92/pcr.yaml")
     assert (voc.train.batch_size, voc.data.crop_size, voc.optim.lr) == (16, 513, 0.001)
-    assert (voc.method.confidence_threshold, voc.method.prototypes_per_class) == (0.8, 4)
+    assert (voc.method.confidence_threshold, voc.method.prototypes.per_class) == (0.8, 4)
     city = load_config("cityscapes/fine/744/pcr.yaml")
     assert (city.eval.mode, city.eval.window, city.eval.stride) == ("sliding", 769, 513)
     assert city.model.aux_head and city.train.aux_weight == 0.4
@@ -152,7 +152,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 def test_demo_regenerates_a_stale_dataset_and_keeps_foreign_folders(tmp_path):
     from protoseg.data.splits import DataError
     from protoseg.data.synthetic import STAMP_FILE
-    from protoseg.demo import ensure_dataset
+    from protoseg.cli.demo import ensure_dataset
 
     root = ensure_dataset(tmp_path / "data")
     stamp = json.loads((root / STAMP_FILE).read_text())

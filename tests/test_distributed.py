@@ -36,13 +36,13 @@ def _ddp_worker(rank: int, world: int, port: int, args: list[str]) -> None:
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
-    from protoseg.engine.distributed import cleanup
+    from protoseg.distributed import cleanup
 
     try:
         trainer = Trainer(load_config("synthetic/supervised.yaml", args))
         # model.sync_bn is on by default but needs CUDA: on CPU ranks keep plain BatchNorm.
         assert not any(
-            isinstance(m, torch.nn.SyncBatchNorm) for m in trainer.method.model.modules()
+            isinstance(m, torch.nn.SyncBatchNorm) for m in trainer.method.student.modules()
         )
         trainer.fit()
     finally:
@@ -50,7 +50,7 @@ def _ddp_worker(rank: int, world: int, port: int, args: list[str]) -> None:
 
 
 def parameters(path):
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     return {k: v for k, v in state.items() if "running_" not in k and "num_batches" not in k}
 
 
@@ -70,7 +70,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_total_batch(syntheti
             overrides(synthetic_root, tmp_path / "one", *steps, "train.max_device_batch=2"),
         )
     )
-    assert single.accum_steps == 2
+    assert single.data.accum_steps == 2
     single.fit()
     ddp, one = parameters(tmp_path / "ddp" / "model.pt"), parameters(tmp_path / "one" / "model.pt")
     assert ddp.keys() == one.keys()
@@ -79,7 +79,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_total_batch(syntheti
         load_config(
             "synthetic/supervised.yaml", overrides(synthetic_root, tmp_path / "init", *steps)
         )
-    ).method.model.state_dict()
+    ).method.student.state_dict()
     for key in ddp:
         assert torch.allclose(ddp[key], one[key], atol=1e-5), key
         moved += not torch.equal(one[key], initial[key])
@@ -132,7 +132,7 @@ def test_sigkill_mid_training_resumes_to_the_same_weights(synthetic_root, tmp_pa
     )
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resumed from" in again.stderr
-    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=False)["state_dict"]
-    b = torch.load(out / "model.pt", weights_only=False)["state_dict"]
+    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(out / "model.pt", weights_only=True)["state_dict"]
     for key in a:
         assert torch.equal(a[key], b[key]), key

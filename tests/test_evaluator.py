@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from protoseg.config import EvalConfig
-from protoseg.engine.distributed import (
+from protoseg.distributed import (
     DistInfo,
     all_reduce_sum,
     barrier,
@@ -26,15 +26,15 @@ from protoseg.engine.distributed import (
     get_dist_info,
     init_distributed,
 )
-from protoseg.engine.evaluator import (
+from protoseg.inference import (
     ConfusionMatrix,
     EvalResult,
-    _window_starts,
     evaluate,
     format_table,
     infer_logits,
     save_result,
 )
+from protoseg.inference.core import _window_starts
 
 NUM_CLASSES = 4
 

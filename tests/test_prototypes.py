@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from protoseg.prototypes import (
+from protoseg.components.prototypes import (
     PrototypeBank,
     PrototypeSegmenter,
     gather_features,

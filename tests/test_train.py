@@ -11,13 +11,14 @@ from helpers import poison_step, tiny_overrides
 
 from protoseg.config import load_config
 from protoseg.data import build_dataset, build_eval_loader, eval_transform
-from protoseg.engine.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
+from protoseg.engine.checkpoint import latest_checkpoint, list_checkpoints
+from protoseg.files import CheckpointError
 from protoseg.engine.optim import poly_factor
 from protoseg.engine.trainer import NonFiniteLossError, Trainer
 
 
 def tiny_config(root, out, method="supervised", *extra):
-    return load_config(f"synthetic/{method}.yaml", tiny_overrides(root, out, *extra))
+    return load_config(f"synthetic/{method}.yaml", tiny_overrides(root, out, *extra, method=method))
 
 
 def test_poly_schedule_values():
@@ -62,10 +63,10 @@ def test_resume_matches_an_uninterrupted_run(synthetic_root, tmp_path, method):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    if method == "pcr":
-        assert torch.equal(straight.method.bank.prototypes, resumed.method.bank.prototypes)
-        ckpt = torch.load(latest_checkpoint(tmp_path / "b" / "checkpoints"), weights_only=False)
-        assert torch.equal(ckpt["method"]["bank.prototypes"], resumed.method.bank.prototypes)
+    # The checkpoint holds the whole method state (PCR's bank included), as plain data.
+    ckpt = torch.load(latest_checkpoint(tmp_path / "b" / "checkpoints"), weights_only=True)
+    for key, value in ckpt["method"].items():
+        assert torch.equal(value, b[key]), key
 
 
 def test_resume_refuses_a_checkpoint_of_another_recipe(synthetic_root, tmp_path):
@@ -92,16 +93,16 @@ def test_gradient_accumulation_matches_the_full_batch_without_bn(synthetic_root,
             synthetic_root, tmp_path / "b", "supervised", *extra, "train.max_device_batch=2"
         )
     )
-    assert (full.micro_batch, full.accum_steps) == (4, 1)
-    assert (acc.micro_batch, acc.accum_steps) == (2, 2)
+    assert (full.data.micro_batch, full.data.accum_steps) == (4, 1)
+    assert (acc.data.micro_batch, acc.data.accum_steps) == (2, 2)
     for trainer in (full, acc):  # freeze BN statistics so micro-batches see the same norm
-        for module in trainer.method.model.modules():
+        for module in trainer.method.student.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.eval()
                 module.train = lambda mode=True, m=module: m  # keep it in eval mode
         trainer.fit(max_steps=2)
-    pa = dict(full.method.model.named_parameters())
-    for name, p in acc.method.model.named_parameters():
+    pa = dict(full.method.student.named_parameters())
+    for name, p in acc.method.student.named_parameters():
         assert torch.allclose(p, pa[name], atol=1e-5), name
 
 
@@ -133,7 +134,7 @@ def test_nonfinite_loss_can_skip_the_step(synthetic_root, tmp_path):
     poison_step(trainer, at_step=1)
     result = trainer.fit()
     assert result.steps == 3
-    assert all(torch.isfinite(p).all() for p in trainer.method.model.parameters())
+    assert all(torch.isfinite(p).all() for p in trainer.method.student.parameters())
     assert math.isfinite(result.final["linear"].miou)
 
 
@@ -143,9 +144,9 @@ def test_nonfinite_loss_can_skip_the_step(synthetic_root, tmp_path):
         ["method.strong_aug=cutout"],
         ["method.strong_aug=classmix"],
         ["method.linear_head=false"],
-        ["method.update_prototypes=false"],
-        ["method.proto_head=false"],
-        ["method.update_rule=per_pixel", "method.teacher_bn=copy"],
+        ["method.prototypes.update=false"],
+        ["method.prototypes.train_predictor=false"],
+        ["method.prototypes.update_rule=per_pixel", "method.teacher_bn=copy"],
     ],
 )
 def test_pcr_variants_train_with_finite_losses(synthetic_root, tmp_path, overrides):
@@ -197,7 +198,7 @@ def test_mismatched_checkpoint_is_reported(synthetic_root, tmp_path):
         Trainer(other).fit()
     # A checkpoint without a stored config (written elsewhere) still fails on the shapes.
     path = latest_checkpoint(tmp_path / "m" / "checkpoints")
-    payload = torch.load(path, weights_only=False)
+    payload = torch.load(path, weights_only=True)
     del payload["config"]
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match="do not fit this configuration"):

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from protoseg.analysis.predict import Predictor, load
 from protoseg.config import Config
 from protoseg.data import SegmentationDataset, build_dataset, eval_transform
+from protoseg.inference import Predictor, load
 
 
 def scatter_traces(features: Tensor, labels: Tensor) -> dict[str, float]:
@@ -166,7 +166,7 @@ def sample_features(
         if not isinstance(out, dict) or "features" not in out:
             raise ValueError(
                 "the model returns no 'features'; load the checkpoint with head "
-                "linear or prototype from protoseg.analysis.predict.load"
+                "linear or prototype from protoseg.inference.load"
             )
         vectors = _sample_map(
             out["features"].float(),

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from protoseg.analysis.predict import Predictor
+from protoseg.inference import Predictor
 
 EXPORT_FORMAT = "protoseg-export/1"
 FORMATS = ("onnx", "torchscript")

@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from protoseg.analysis.predict import Predictor, to_rgb
 from protoseg.config import EvalConfig
 from protoseg.data import colorize, save_mask_png
+from protoseg.inference import Predictor, to_rgb
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ import numpy as np
 from PIL import Image
 
 from protoseg.analysis.discrimination import checkpoint_names
-from protoseg.analysis.predict import Predictor, load
 from protoseg.config import Config, EvalConfig
 from protoseg.data import build_dataset, colorize, eval_transform
+from protoseg.inference import Predictor, load
 
 
 def prediction_grid(

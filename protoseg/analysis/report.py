@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from protoseg.analysis.predict import load
 from protoseg.analysis.qualitative import load_val_examples, prediction_grid
 from protoseg.config import Config
+from protoseg.inference import load
 
 
 def _plt():

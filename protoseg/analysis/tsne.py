@@ -14,8 +14,8 @@ from protoseg.analysis.discrimination import (
     select_pixels,
     val_dataset,
 )
-from protoseg.analysis.predict import load
 from protoseg.config import Config
+from protoseg.inference import load
 
 # scikit-learn's default; smaller samples get a smaller one (it must stay below N).
 DEFAULT_PERPLEXITY = 30.0

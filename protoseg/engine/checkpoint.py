@@ -1,71 +1,34 @@
-"""Checkpoints: atomic writes, the newest-first listing used by auto-resume, clear load errors."""
+"""Training checkpoints: the newest-first listing used by auto-resume, pruning, RNG states.
+
+Checkpoints are plain-data files (see ``protoseg.files``): every state is stored as
+tensors, numbers, strings, lists and dicts, so a resume never unpickles code.
+"""
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from protoseg import __version__
+from protoseg.config import recipe_changes, to_dict
+from protoseg.files import (
+    TRAINING_FORMAT,
+    CheckpointError,
+    load_file,
+    load_state_strict,
+    temp_files,
+)
+from protoseg.inference.model_file import deployment_index
+
+if TYPE_CHECKING:
+    from protoseg.engine.trainer import Trainer
+
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)\.pt$")
-MODEL_FORMAT = "protoseg-model/1"
-TRAINING_FORMAT = "protoseg-training/1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable, or does not fit the model."""
-
-
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
-    """Call ``write`` on a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A crash mid-write leaves the previous file intact, never a truncated one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """torch.save ``obj`` to ``path`` atomically (see ``atomic_write``)."""
-    return atomic_write(path, lambda handle: torch.save(obj, handle))
-
-
-def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a protoseg checkpoint or model file; CheckpointError says what is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        data = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
-        raise CheckpointError(
-            f"{path}: cannot be read as a checkpoint ({type(exc).__name__}: {exc}). The file is "
-            "truncated or not a protoseg checkpoint: delete it to resume from the previous one, "
-            "or point --checkpoint at another file"
-        ) from None
-    if not isinstance(data, dict) or data.get("format") not in (MODEL_FORMAT, TRAINING_FORMAT):
-        raise CheckpointError(
-            f"{path}: not a protoseg checkpoint (no 'format' entry); "
-            "was it written by protoseg train?"
-        )
-    return data
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
@@ -96,11 +59,26 @@ def prune_checkpoints(folder: str | Path, keep_last: int) -> None:
         old.unlink(missing_ok=True)
 
 
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete temporary files that a killed write left behind; returns what was removed."""
+    removed = temp_files(folder)
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
 def rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch (CPU and CUDA) generator states."""
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+    """Python, NumPy and torch (CPU and CUDA) generator states, as plain data."""
+    version, mt_state, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": [version, list(mt_state), gauss],
+        "numpy": {
+            "key": torch.from_numpy(np.asarray(np_state["state"]["key"], dtype=np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -110,22 +88,71 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what ``rng_state`` saved."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    numpy = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": numpy["key"].numpy().astype(np.uint32), "pos": numpy["pos"]},
+            "has_gauss": numpy["has_gauss"],
+            "gauss": numpy["gauss"],
+        }
+    )
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def load_state_strict(
-    module: torch.nn.Module, state: dict[str, Any], path: str | Path, what: str = "model"
-) -> None:
-    """load_state_dict that turns key/shape mismatches into a CheckpointError naming the file."""
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[:4]
+def resume_path(choice: str, out_dir: str | Path) -> Path | None:
+    """The checkpoint ``train.resume`` asks for: none, the newest in the run, or a file."""
+    if choice in ("", "none", "never"):
+        return None
+    if choice == "auto":
+        return latest_checkpoint(checkpoint_dir(out_dir))
+    return Path(choice)
+
+
+def training_state(trainer: Trainer) -> dict[str, Any]:
+    """Everything a resume needs to continue exactly, as plain data."""
+    deployment = trainer.method.deploy()
+    return {
+        "format": TRAINING_FORMAT,
+        "version": __version__,
+        "config": to_dict(trainer.cfg),
+        "step": trainer.step,
+        "method": trainer.method.state_dict(),
+        "deployment": deployment_index(trainer.method, deployment["network"], deployment["heads"]),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "scaler": trainer.scaler.state_dict(),
+        "rng": rng_state(),
+        "best": trainer.best.to_dict() if trainer.best else None,
+        "best_step": trainer.best_step,
+        "history": trainer.history,
+        "world_size": trainer.dist.world_size,
+    }
+
+
+def restore_training_state(trainer: Trainer, path: str | Path) -> None:
+    """Load a checkpoint of the same recipe into the trainer (CheckpointError otherwise)."""
+    from protoseg.inference import EvalResult
+
+    data = load_file(path, map_location=trainer.device, formats=(TRAINING_FORMAT,))
+    changes = recipe_changes(data.get("config") or {}, to_dict(trainer.cfg))
+    if changes:
         raise CheckpointError(
-            f"{path}: the {what} weights do not fit this configuration (different backbone, "
-            f"number of classes or method?): {' '.join(first)}"
-        ) from None
+            f"{path} was written by a different recipe ({'; '.join(changes)}); train "
+            "into a new train.out_dir, or point --resume at a checkpoint of this recipe"
+        )
+    load_state_strict(trainer.method, data["method"], path, "method")
+    trainer.optimizer.load_state_dict(data["optimizer"])
+    trainer.scheduler.load_state_dict(data["scheduler"])
+    trainer.scaler.load_state_dict(data["scaler"])
+    trainer.step = int(data["step"])
+    trainer.history = list(data.get("history") or [])
+    trainer.best_step = int(data.get("best_step", -1))
+    if data.get("best"):
+        trainer.best = EvalResult(**data["best"])
+    if data.get("world_size", 1) == trainer.dist.world_size:
+        set_rng_state(data["rng"])

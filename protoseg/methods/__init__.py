@@ -1,39 +1,56 @@
-"""Training methods: one small class each, chosen by name from a plain registry."""
+"""Training methods: one module each, registered by name with its config dataclass.
+
+A method module holds its hyper-parameter dataclass (a ``MethodConfig`` subclass), its
+class decorated with ``@register_method("name", ConfigClass)``, its training step and
+what its model file holds. See ``protocol.SegmentationMethod`` for the interface.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 from torch import nn
 
-from protoseg.config import Config
-from protoseg.methods.base import Method, TeacherStudentMethod, WarmupContext
-from protoseg.methods.cutmix_seg import CutMixSeg
-from protoseg.methods.mean_teacher import MeanTeacher
-from protoseg.methods.pcr import PCR
-from protoseg.methods.supervised import Supervised
+from protoseg.config import METHOD_CONFIGS, Config, MethodConfig
+from protoseg.methods.protocol import Batch, Deployment, SegmentationMethod, StepOutput
 
-METHODS: dict[str, type[Method]] = {
-    "supervised": Supervised,
-    "mean_teacher": MeanTeacher,
-    "cutmix_seg": CutMixSeg,
-    "pcr": PCR,
-}
+METHODS: dict[str, type[nn.Module]] = {}
+
+_M = TypeVar("_M", bound=type[nn.Module])
 
 
-def create_method(name: str, model: nn.Module, cfg: Config) -> Method:
-    """Build the registered method ``name`` around a student model."""
+def register_method(name: str, config_class: type[MethodConfig]) -> Callable[[_M], _M]:
+    """Class decorator: register a method and the dataclass its ``method:`` section uses."""
+
+    def add(cls: _M) -> _M:
+        if name in METHODS and METHODS[name] is not cls:
+            raise ValueError(f"method {name!r} is registered twice")
+        METHODS[name] = cls
+        METHOD_CONFIGS[name] = config_class
+        cls.method_name = name  # type: ignore[attr-defined]
+        return cls
+
+    return add
+
+
+def create_method(model: nn.Module, cfg: Config) -> SegmentationMethod:
+    """Build the method ``cfg.method.name`` around a student network."""
+    name = cfg.method.name
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
-    return METHODS[name](model, cfg)
+        raise ValueError(f"unknown method {name!r}: choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[name](model, cfg)  # type: ignore[return-value]
 
+
+# Importing the modules registers them; new methods add one line here.
+from protoseg.methods import cutmix_seg, mean_teacher, pcr, supervised  # noqa: E402, F401
 
 __all__ = [
     "METHODS",
-    "Method",
-    "TeacherStudentMethod",
-    "WarmupContext",
-    "CutMixSeg",
-    "MeanTeacher",
-    "PCR",
-    "Supervised",
+    "Batch",
+    "Deployment",
+    "SegmentationMethod",
+    "StepOutput",
     "create_method",
+    "register_method",
 ]

@@ -1,54 +1,82 @@
-"""CutMix-Seg: EMA teacher pseudo-labels on the weak view, student on the mixed view."""
+"""CutMix-Seg: EMA-teacher pseudo-labels on the weak view, the student on the mixed view.
+
+Table 1's CutMix-Seg row, and PCR's ablation (1) ("linear predictor only").
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
-from protoseg.methods.augment import strong_augment
-from protoseg.methods.base import Batch, TeacherStudentMethod, unlabeled_valid_mask
-from protoseg.methods.losses import masked_cross_entropy
+from protoseg.components import (
+    EMATeacher,
+    SelfTrainingSettings,
+    TeacherSettings,
+    confident,
+    confident_fraction,
+    hard_labels,
+    masked_cross_entropy,
+    strong_augment,
+    valid_pixels,
+)
+from protoseg.config import Config, MethodConfig
+from protoseg.methods import register_method
+from protoseg.methods.common import MethodBase, split_outputs
+from protoseg.methods.protocol import Batch, StepOutput
 
 
-class CutMixSeg(TeacherStudentMethod):
-    """Confidence-thresholded pseudo-labels + strong augmentation (Table 1's CutMix-Seg row;
-    also PCR's ablation (1), "linear predictor only")."""
+@dataclass
+class CutMixSegConfig(SelfTrainingSettings, TeacherSettings, MethodConfig):
+    """EMA teacher, confidence threshold and strong augmentation."""
 
-    def pseudo_label(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Teacher's hard labels and confidences on the weak view: (B, H, W) each."""
-        probs = torch.softmax(self.teacher_forward(images)["logits"].float(), dim=1)
-        conf, labels = probs.max(dim=1)
-        return labels, conf
+    name: str = "cutmix_seg"
 
-    def training_step(self, labeled: Batch, unlabeled: Batch | None, step: int) -> dict[str, Any]:
+    def check(self) -> None:
+        """Validate the teacher and self-training settings."""
+        TeacherSettings.check(self)
+        SelfTrainingSettings.check(self)
+
+
+@register_method("cutmix_seg", CutMixSegConfig)
+class CutMixSeg(MethodBase):
+    """Confidence-thresholded teacher pseudo-labels of a strongly augmented unlabelled view."""
+
+    uses_unlabeled = True
+
+    def __init__(self, model: torch.nn.Module, cfg: Config) -> None:
+        super().__init__(model, cfg)
+        self.config: CutMixSegConfig = cfg.method
+        self.teacher = EMATeacher(model, self.config.ema_decay, self.config.teacher_bn)
+
+    def training_step(self, labeled: Batch, unlabeled: Batch | None, step: int) -> StepOutput:
         """Supervised loss, plus the masked CE on the mixed unlabelled view after warm-up."""
-        x_l, y_l = labeled["image"], labeled["mask"]
+        c = self.config
         if self.in_warmup(step) or unlabeled is None:
-            out = self.student(x_l)
-            loss, logs = self.supervised_loss(out, y_l)
-            return {"loss": loss, **logs}
-        x_u = unlabeled["image"]
-        labels, conf = self.pseudo_label(x_u)
-        valid = unlabeled_valid_mask(unlabeled, x_u)
+            return self.supervised_step(labeled)
+        x_l, y_l, x_u = labeled["image"], labeled["mask"], unlabeled["image"]
+        # Pseudo-labels from the teacher's weak view, mixed together with the images.
+        labels, conf = hard_labels(self.teacher.predict(x_u)["logits"])
+        valid = valid_pixels(unlabeled, x_u)
         x_m, y_m, conf_m, valid_m = strong_augment(
-            self.method_cfg.strong_aug, self.method_cfg.mix_prob, x_u, labels, conf, valid
+            c.strong_aug, c.mix_prob, x_u, labels, conf, valid
         )
-        keep = (conf_m >= self.method_cfg.confidence_threshold) & valid_m
-        out = self.student(torch.cat([x_l, x_m]))
-        n = x_l.shape[0]
-        out_l = {k: v[:n] for k, v in out.items()}
-        out_u = {k: v[n:] for k, v in out.items()}
-        loss, logs = self.unlabeled_losses(out_l, out_u, y_l, y_m, keep, valid_m)
-        logs["confident_fraction"] = (keep.sum() / valid_m.sum().clamp(min=1)).detach()
-        return {"loss": loss, **logs}
-
-    def unlabeled_losses(
-        self, out_l: dict, out_u: dict, y_l: Tensor, y_m: Tensor, keep: Tensor, valid_m: Tensor
-    ) -> tuple[Tensor, dict[str, Any]]:
-        """Linear-head losses on labelled and mixed unlabelled pixels."""
+        keep = confident(conf_m, c.confidence_threshold, valid_m)
+        # One student pass over labelled and mixed images, as in the release.
+        out_l, out_u = split_outputs(self.run_student(torch.cat([x_l, x_m])), x_l.shape[0])
         loss_sup, logs = self.supervised_loss(out_l, y_l)
         loss_unsup = masked_cross_entropy(out_u["logits"], y_m, keep, valid_m)
-        logs["loss_unsup"] = loss_unsup.detach()
-        return loss_sup + self.method_cfg.unsup_weight * loss_unsup, logs
+        return {
+            "loss": loss_sup + c.unsup_weight * loss_unsup,
+            **logs,
+            "loss_unsup": loss_unsup.detach(),
+            "confident_fraction": confident_fraction(keep, valid_m),
+        }
+
+    def after_optimizer_step(self, step: int) -> None:
+        """The teacher follows the student (a copy of it during the warm-up)."""
+        self.teacher.follow(self.student, step - self.warmup_steps)
+
+    def deployed_network(self) -> torch.nn.Module:
+        """The EMA teacher is the deployed model (Algorithm 1's output)."""
+        return self.teacher.network

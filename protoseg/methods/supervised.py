@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
-from protoseg.methods.base import Batch, Method
+from protoseg.config import MethodConfig
+from protoseg.methods import register_method
+from protoseg.methods.common import MethodBase
+from protoseg.methods.protocol import Batch, StepOutput
 
 
-class Supervised(Method):
+@dataclass
+class SupervisedConfig(MethodConfig):
+    """Supervised training has no hyper-parameters beyond the generic sections."""
+
+    name: str = "supervised"
+
+
+@register_method("supervised", SupervisedConfig)
+class Supervised(MethodBase):
     """Labelled images only; the baseline every semi-supervised method must beat."""
 
-    def training_step(self, labeled: Batch, unlabeled: Batch | None, step: int) -> dict[str, Any]:
+    def training_step(self, labeled: Batch, unlabeled: Batch | None, step: int) -> StepOutput:
         """Supervised loss of the student on the labelled batch."""
-        out = self.student(labeled["image"])
-        loss, logs = self.supervised_loss(out, labeled["mask"])
-        return {"loss": loss, **logs}
+        return self.supervised_step(labeled)

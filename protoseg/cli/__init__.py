@@ -64,9 +64,9 @@ def cmd_data_split(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train from a YAML config with dotted overrides."""
     from protoseg.config import load_config
-    from protoseg.engine.distributed import cleanup
-    from protoseg.engine.evaluator import format_table
+    from protoseg.distributed import cleanup
     from protoseg.engine.trainer import Trainer
+    from protoseg.inference import format_table
 
     overrides = list(args.overrides)
     if args.resume:
@@ -89,11 +89,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint or model file on a config's validation split."""
-    from protoseg.analysis.predict import load
     from protoseg.config import load_config
     from protoseg.data import build_dataset, build_eval_loader, eval_transform
-    from protoseg.engine.distributed import cleanup, init_distributed
-    from protoseg.engine.evaluator import evaluate, format_table, save_result
+    from protoseg.distributed import cleanup, init_distributed
+    from protoseg.inference import evaluate, format_table, load, save_result
 
     cfg = load_config(args.config, list(args.overrides))
     dist_info, device = init_distributed(cfg.train.device)
@@ -129,7 +128,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Generate the synthetic set, train the methods, compare them."""
-    from protoseg.demo import run_demo
+    from protoseg.cli.demo import run_demo
 
     run_demo(
         out=args.out,
@@ -205,7 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file (data and eval settings)")
     p.add_argument("overrides", nargs="*", help="dotted overrides key.sub=value")
     p.add_argument("--checkpoint", required=True, help="model.pt, best.pt or a step_*.pt file")
-    p.add_argument("--head", default="linear", choices=["linear", "prototype"])
+    p.add_argument(
+        "--head",
+        default="linear",
+        help="prediction head: linear, or one the model file holds (e.g. prototype)",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
 
     p = _add(
@@ -226,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=None, help="override the training length")
     p.add_argument("--device", default="auto")
 
-    from protoseg.analysis.commands import register
+    from protoseg.cli.analysis import register
 
     register(sub)  # predict, export, analyze, sweep
     return parser

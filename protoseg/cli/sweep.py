@@ -150,7 +150,7 @@ def collect(plan: SweepPlan) -> list[SweepRow]:
 
 
 def _train_in_process(plan: SweepPlan, value: str) -> None:
-    from protoseg.engine.distributed import cleanup
+    from protoseg.distributed import cleanup
     from protoseg.engine.trainer import Trainer
 
     try:

@@ -68,3 +68,31 @@ def masked_cross_entropy(logits: Tensor, target: Tensor, keep: Tensor, valid: Te
     target[~keep] = 0
     loss = F.cross_entropy(logits.float(), target.long(), reduction="none")
     return (loss * keep).sum() / valid.sum().clamp(min=1)
+
+
+class SupervisedObjective:
+    """The linear head's loss on labelled pixels plus the weighted auxiliary head's, if any.
+
+    Built from the ``train`` section (``loss``, OHEM settings, ``aux_weight``).
+    """
+
+    def __init__(
+        self,
+        kind: str = "ce",
+        ignore_index: int = 255,
+        ohem_threshold: float = 0.7,
+        ohem_min_kept: int = 100000,
+        aux_weight: float = 0.0,
+    ) -> None:
+        self.criterion = SegmentationLoss(kind, ignore_index, ohem_threshold, ohem_min_kept)
+        self.aux_weight = aux_weight
+
+    def __call__(self, out: dict[str, Tensor], mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """(loss, logged terms) of a network output against (B, H, W) labels."""
+        loss = self.criterion(out["logits"], mask)
+        logs = {"loss_sup": loss.detach()}
+        if "aux" in out and self.aux_weight > 0:
+            aux = self.criterion(out["aux"], mask)
+            logs["loss_aux"] = aux.detach()
+            loss = loss + self.aux_weight * aux
+        return loss, logs

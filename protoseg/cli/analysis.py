@@ -31,7 +31,7 @@ def _eval_config(args: argparse.Namespace, base: EvalConfig) -> EvalConfig:
 def cmd_predict(args: argparse.Namespace) -> int:
     """Predict masks and overlays for image files and folders."""
     from protoseg.analysis.infer import find_images, predict_paths
-    from protoseg.analysis.predict import load
+    from protoseg.inference import load
 
     find_images(args.inputs, args.recursive)  # fail on empty inputs before loading a model
     predictor = load(args.checkpoint, device=args.device, head=args.head)
@@ -56,7 +56,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Export the deployed network to ONNX or TorchScript."""
     from protoseg.analysis.export import export_model, sidecar_path
-    from protoseg.analysis.predict import load
+    from protoseg.inference import load
 
     predictor = load(args.checkpoint, device="cpu", head="linear")
     path = export_model(predictor, args.format, args.out, args.opset)
@@ -145,7 +145,7 @@ def cmd_qualitative(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Train one run per value of a swept key and tabulate the final mIoU."""
-    from protoseg.analysis.sweep import plan_sweep, run_sweep, sweep_commands, write_report
+    from protoseg.cli.sweep import plan_sweep, run_sweep, sweep_commands, write_report
 
     plan = plan_sweep(args.config, args.overrides, args.out)
     if args.print_commands:
@@ -213,7 +213,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="image files (jpg/jpeg/png/bmp) or folders")
     p.add_argument("--checkpoint", required=True, help="model.pt, best.pt or a step_*.pt file")
     p.add_argument("--out", required=True, help="output folder for <name>.png masks")
-    p.add_argument("--head", default="linear", choices=["linear", "prototype"])
+    p.add_argument(
+        "--head",
+        default="linear",
+        help="prediction head: linear, or one the model file holds (e.g. prototype)",
+    )
     p.add_argument(
         "--mode",
         default=None,
@@ -290,7 +294,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", default=None, help="comma-separated validation image names")
     p.add_argument("--count", type=int, default=4, help="random images when --images is unset")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--head", default="linear", choices=["linear", "prototype"])
+    p.add_argument(
+        "--head",
+        default="linear",
+        help="prediction head: linear, or one the model file holds (e.g. prototype)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="output PNG file")
 

@@ -1,7 +1,8 @@
-"""Loading a trained model for inference: ``protoseg.load(checkpoint)`` returns a Predictor."""
+"""Loading a trained model for inference: ``protoseg.load(model_file)`` returns a Predictor."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,18 +12,19 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from protoseg.config import Config, EvalConfig, from_dict
-from protoseg.engine.checkpoint import (
-    MODEL_FORMAT,
-    CheckpointError,
-    load_file,
-    load_state_strict,
-)
-from protoseg.engine.evaluator import infer_logits
+from protoseg.components.prototype_branch import PROTOTYPE_HEAD, build_prototype_head
+from protoseg.config import Config, EvalConfig
+from protoseg.files import CheckpointError, load_state_strict
+from protoseg.inference.core import infer_logits
+from protoseg.inference.model_file import read_model_file
 from protoseg.models import create_model
-from protoseg.prototypes import PrototypeBank, PrototypeSegmenter
 
 _WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+# Head kind (as a model file's ``heads`` entry names it) -> builder around the network.
+HEAD_BUILDERS: dict[str, Callable[[nn.Module, dict[str, Any]], nn.Module]] = {
+    PROTOTYPE_HEAD: build_prototype_head,
+}
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -39,17 +41,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
         # Going through RGBA avoids PIL's warning about byte-coded palette transparency.
         image = image.convert("RGBA")
     return image.convert("RGB")
-
-
-def _split_training_state(state: dict[str, Any]) -> tuple[dict, dict | None]:
-    """The deployed network's weights (the teacher when there is one) and the bank."""
-
-    def sub(prefix: str) -> dict[str, Any]:
-        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-    network = sub("teacher.") or sub("model.")
-    bank = sub("bank.") or None
-    return network, bank
 
 
 @dataclass
@@ -124,43 +115,24 @@ def load(
     if isinstance(device, str) and device.strip().lower() == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    data = load_file(checkpoint, map_location="cpu")
-    cfg = from_dict(data["config"])
+    model_file = read_model_file(checkpoint)
+    cfg = model_file.config
     network = create_model(cfg.model, cfg.data.num_classes)
-    if data["format"] == MODEL_FORMAT:
-        weights, bank_state = data["state_dict"], data.get("prototypes")
-    else:
-        weights, bank_state = _split_training_state(data["method"])
-    load_state_strict(network, weights, checkpoint)
+    load_state_strict(network, model_file.state_dict, checkpoint)
     model: nn.Module = network
-    if head == "prototype":
-        if not bank_state:
+    if head != "linear":
+        spec = model_file.heads.get(head)
+        if spec is None:
+            heads = ", ".join(["linear", *model_file.heads])
+            raise CheckpointError(f"{checkpoint}: has no {head!r} head; its heads: {heads}")
+        if spec.get("kind") not in HEAD_BUILDERS:
             raise CheckpointError(
-                f"{checkpoint}: has no prototype bank; use --head linear "
-                "(only PCR checkpoints have one)"
+                f"{checkpoint}: head {head!r} is of an unknown kind {spec.get('kind')!r}; "
+                "was it written by a newer protoseg?"
             )
-        m = cfg.method
-        bank = PrototypeBank(
-            cfg.data.num_classes,
-            m.prototypes_per_class,
-            network.feature_dim,
-            m.prototype_momentum,
-            m.temperature,
-            cfg.data.ignore_index,
-        )
-        load_state_strict(bank, bank_state, checkpoint, "prototype bank")
-        model = PrototypeSegmenter(network, bank)
-    elif head != "linear":
-        raise ValueError(f"unknown head {head!r}: use linear or prototype")
+        try:
+            model = HEAD_BUILDERS[spec["kind"]](network, spec)
+        except (KeyError, RuntimeError, TypeError) as exc:
+            raise CheckpointError(f"{checkpoint}: head {head!r} cannot be rebuilt: {exc}") from None
     model.to(device).eval()
-    names = (
-        data.get("class_names")
-        or list(cfg.data.class_names)
-        or [f"class_{i}" for i in range(cfg.data.num_classes)]
-    )
-    palette = [tuple(c) for c in data.get("palette") or []]
-    if not palette:
-        from protoseg.data import voc_palette
-
-        palette = voc_palette(256)
-    return Predictor(model, cfg, list(names), palette, device)  # type: ignore[arg-type]
+    return Predictor(model, cfg, model_file.class_names, model_file.palette, device)

@@ -1,0 +1,49 @@
+"""Parts that methods assemble: losses, EMA teacher, pseudo-labels, augmentation, prototypes.
+
+None of them holds a training loop; a method's module reads top to bottom by calling them.
+"""
+
+from protoseg.components.augment import STRONG_AUGMENTATIONS, strong_augment
+from protoseg.components.losses import (
+    SegmentationLoss,
+    SupervisedObjective,
+    masked_cross_entropy,
+)
+from protoseg.components.prototype_branch import (
+    PROTOTYPE_HEAD,
+    InitContext,
+    PrototypeBranch,
+    PrototypeConfig,
+    build_prototype_head,
+)
+from protoseg.components.prototypes import PrototypeBank, PrototypeSegmenter
+from protoseg.components.pseudo_label import (
+    SelfTrainingSettings,
+    confident,
+    confident_fraction,
+    hard_labels,
+    valid_pixels,
+)
+from protoseg.components.teacher import EMATeacher, TeacherSettings
+
+__all__ = [
+    "PROTOTYPE_HEAD",
+    "STRONG_AUGMENTATIONS",
+    "EMATeacher",
+    "InitContext",
+    "PrototypeBank",
+    "PrototypeBranch",
+    "PrototypeConfig",
+    "PrototypeSegmenter",
+    "SegmentationLoss",
+    "SelfTrainingSettings",
+    "SupervisedObjective",
+    "TeacherSettings",
+    "build_prototype_head",
+    "confident",
+    "confident_fraction",
+    "hard_labels",
+    "masked_cross_entropy",
+    "strong_augment",
+    "valid_pixels",
+]

@@ -1,0 +1,1 @@
+"""The training engine: the loop, its callbacks, checkpoints, optimiser and run folder."""

@@ -1,0 +1,154 @@
+"""Components methods assemble: strong augmentations, losses, the EMA teacher, pseudo-labels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from method_contract import tiny_config
+
+from protoseg.components import EMATeacher, confident, hard_labels, valid_pixels
+from protoseg.components.augment import classmix, cutmix, cutout, half_area_boxes, strong_augment
+from protoseg.components.losses import SegmentationLoss, masked_cross_entropy, ohem_cross_entropy
+from protoseg.models import create_model
+
+
+# ---- strong augmentations -------------------------------------------------------------------
+def encoded_batch(b=4, h=20, w=30):
+    """Every pixel of image i carries i in the image, the label and the confidence."""
+    ids = torch.arange(b, dtype=torch.float32)[:, None, None].expand(b, h, w)
+    images = ids[:, None].expand(b, 3, h, w).clone()
+    return images, ids.long().clone(), ids / 10, torch.ones(b, h, w, dtype=torch.bool)
+
+
+def test_half_area_boxes_have_half_the_area():
+    torch.manual_seed(0)
+    for h, w in [(20, 30), (33, 41), (64, 64)]:
+        boxes = half_area_boxes(16, h, w, torch.device("cpu"))
+        areas = boxes.flatten(1).sum(1).float()
+        assert ((areas - h * w / 2).abs() <= max(h, w)).all()  # exact up to rounding a side
+        widths = boxes.any(dim=1).sum(dim=1)
+        assert (widths > w // 2).all()
+
+
+@pytest.mark.parametrize("mix", [cutmix, classmix])
+def test_mixing_moves_image_label_and_confidence_together(mix):
+    torch.manual_seed(0)
+    images, labels, conf, valid = encoded_batch()
+    out_img, out_lab, out_conf, out_valid = mix(images, labels, conf, valid)
+    source = out_img[:, 0]
+    assert torch.equal(source.long(), out_lab)
+    assert torch.allclose(out_conf, source / 10)
+    own = torch.arange(4)[:, None, None].float()
+    partner = (own + 1) % 4
+    assert ((source == own) | (source == partner)).all()  # pasted from image (i + 1) mod B
+    assert (source == partner).any() and out_valid.all()
+
+
+def test_cutout_erases_and_drops_targets():
+    torch.manual_seed(0)
+    images, labels, conf, valid = encoded_batch()
+    conf = torch.ones_like(conf)
+    out_img, out_lab, out_conf, _ = cutout(images + 1, labels, conf, valid)
+    erased = out_img[:, 0] == 0
+    assert torch.equal(erased, out_conf == 0)  # exactly the erased pixels leave the loss
+    assert torch.equal(out_lab, labels)
+    frac = erased.flatten(1).float().mean(1)
+    assert ((frac - 0.5).abs() < 0.1).all()
+
+
+def test_strong_augment_probability_zero_is_identity():
+    images, labels, conf, valid = encoded_batch()
+    out = strong_augment("cutmix", 0.0, images, labels, conf, valid)
+    assert out[0] is images and out[1] is labels
+    with pytest.raises(ValueError, match="unknown strong augmentation"):
+        strong_augment("mixup", 1.0, images, labels, conf, valid)
+
+
+# ---- losses ----------------------------------------------------------------------------------
+def test_masked_ce_keeps_exactly_the_confident_pixels():
+    logits = torch.randn(2, 4, 5, 6)
+    target = torch.randint(0, 4, (2, 5, 6))
+    conf = torch.rand(2, 5, 6)
+    valid = torch.ones(2, 5, 6, dtype=torch.bool)
+    keep = conf >= 0.6
+    per_pixel = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    expected = per_pixel[keep].sum() / valid.sum()
+    assert masked_cross_entropy(logits, target, keep, valid).item() == pytest.approx(
+        expected.item(), rel=1e-5
+    )
+    none = masked_cross_entropy(logits, target, torch.zeros_like(keep), valid)
+    assert none.item() == 0.0
+
+
+def test_ohem_keeps_hard_pixels_and_min_kept():
+    logits = torch.zeros(1, 2, 1, 4)
+    logits[0, 0, 0] = torch.tensor([5.0, 2.0, 0.0, -3.0])  # target 0: easy -> hard
+    target = torch.zeros(1, 1, 4, dtype=torch.long)
+    per = torch.nn.functional.cross_entropy(logits, target, reduction="none").flatten()
+    prob = torch.exp(-per)
+    # threshold 0.7 keeps the two pixels with target probability <= 0.7
+    got = ohem_cross_entropy(logits, target, threshold=0.7, min_kept=1)
+    assert got.item() == pytest.approx(per[prob <= 0.7].mean().item(), rel=1e-5)
+    # min_kept=3 raises the cut to the third-lowest probability
+    got3 = ohem_cross_entropy(logits, target, threshold=0.7, min_kept=3)
+    assert got3.item() == pytest.approx(
+        per.sort(descending=True).values[:3].mean().item(), rel=1e-5
+    )
+    ignored = torch.full_like(target, 255)
+    assert SegmentationLoss("ohem")(logits, ignored).item() == 0.0
+
+
+# ---- EMA teacher and pseudo-labels -------------------------------------------------------------
+def test_ema_teacher_follows_the_student():
+    cfg = tiny_config("cutmix_seg")
+    student = create_model(cfg.model, cfg.data.num_classes)
+    teacher = EMATeacher(student, ema_decay=0.99)
+    s_param = next(student.parameters())
+    t_param = next(teacher.network.parameters())
+    with torch.no_grad():
+        s_param.add_(1.0)
+    teacher.follow(student, steps_after_warmup=-3)  # warm-up: the teacher is the student
+    assert torch.equal(t_param, s_param)
+    with torch.no_grad():
+        s_param.add_(1.0)
+    teacher.follow(student, 0)  # t = 0: decay 0, a copy again (as U2PL)
+    assert torch.equal(t_param, s_param)
+    for t, decay in [(1, 0.5), (1000, 0.99)]:  # then min(1 - 1/(t+1), 0.99)
+        with torch.no_grad():
+            s_param.add_(1.0)
+        before = t_param.clone()
+        teacher.follow(student, t)
+        assert torch.allclose(t_param, decay * before + (1 - decay) * s_param, atol=1e-6)
+    assert not any(p.requires_grad for p in teacher.network.parameters())
+
+
+def test_teacher_bn_modes():
+    cfg = tiny_config("cutmix_seg")
+    student = create_model(cfg.model, cfg.data.num_classes)
+    images = torch.randn(2, 3, 33, 41) * 3 + 1
+    forward = EMATeacher(student, 0.99, "forward")
+    before = forward.network.backbone.trunk.bn1.running_mean.clone()
+    forward.predict(images)  # the release refreshes BN statistics on the teacher's input
+    assert not torch.equal(forward.network.backbone.trunk.bn1.running_mean, before)
+    assert not forward.network.training
+    copy = EMATeacher(student, 0.99, "copy")
+    copy.predict(images)
+    assert torch.equal(copy.network.backbone.trunk.bn1.running_mean, before)
+    with torch.no_grad():
+        student.backbone.trunk.bn1.running_mean.add_(1.0)
+    copy.follow(student, 5)
+    assert torch.equal(
+        copy.network.backbone.trunk.bn1.running_mean, student.backbone.trunk.bn1.running_mean
+    )
+
+
+def test_pseudo_labels_and_confidence_mask():
+    logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 0.1]]]])  # (1, 2, 1, 2)
+    labels, conf = hard_labels(logits)
+    assert labels.tolist() == [[[0, 1]]]
+    assert conf[0, 0, 0].item() == pytest.approx(torch.softmax(torch.tensor([2.0, 0.0]), 0)[0])
+    keep = confident(conf, 0.6, torch.tensor([[[True, True]]]))
+    assert keep.tolist() == [[[True, False]]]
+    padded = valid_pixels({"valid": torch.tensor([[[1, 0]]])}, logits)
+    assert padded.tolist() == [[[True, False]]]
+    assert valid_pixels({}, logits).all()
