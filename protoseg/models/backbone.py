@@ -1,28 +1,24 @@
-"""Encoder: any timm CNN with ``features_only`` support, dilated to the configured output stride.
+"""Encoder: any timm CNN with ``features_only`` support, dilated to an output stride.
 
 The release's encoder is timm's ``resnet101s`` (deep stem of width 64) at output stride 8,
-with layer4 multi-grid dilations (4, 8, 16); ``Backbone`` rebuilds it from ``ModelConfig``
-and also accepts any other timm CNN that exposes stride-4/16/32 feature levels.
+with layer4 multi-grid dilations (4, 8, 16); ``Backbone`` rebuilds it and also accepts any
+other timm CNN that exposes stride-4/16/32 feature levels. Initial weights are resolved and
+loaded by :mod:`protoseg.models.weights`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import logging
-import os
-import re
-import socket
-import threading
-from collections.abc import Iterator
-from pathlib import Path
-from urllib.parse import urlparse
 
 import timm
-from timm.models import get_pretrained_cfg, split_model_name_tag
+from timm.models import split_model_name_tag
 from torch import Tensor, nn
 
-from protoseg.config import ModelConfig
+from protoseg.models.errors import ModelError
+from protoseg.models.weights import create_with_weights, resolve_weights
+
+__all__ = ["MULTI_GRID", "OUTPUT_STRIDES", "OUT_INDICES", "Backbone", "ModelError"]
 
 _log = logging.getLogger(__name__)
 
@@ -31,33 +27,45 @@ _log = logging.getLogger(__name__)
 OUT_INDICES = (-4, -2, -1)
 # DeepLab's multi-grid unit rates for the blocks of layer4, scaled by layer4's base dilation.
 MULTI_GRID = (1, 2, 4)
-_WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".tar", ".npz")
-_HUB_PROBE_TIMEOUT_S = 5.0
-
-
-class ModelError(ValueError):
-    """A model cannot be built from its configuration."""
+# The strides timm's dilation support can give.
+OUTPUT_STRIDES = (8, 16, 32)
 
 
 class Backbone(nn.Module):
-    """A timm feature trunk returning (stride-4, layer3, last) feature maps."""
+    """A timm feature trunk returning (stride-4, stride-16 or less, last) feature maps.
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    Args:
+        name: a timm model name, e.g. ``"resnet101s"``.
+        pretrained: "" (random init), "imagenet" (timm's default weights of ``name``), a
+            timm pretrained tag, or a local weights file (see :mod:`protoseg.models.weights`).
+        output_stride: stride of the last feature map; 8 and 16 dilate the last stages.
+        multi_grid: on ResNet-like trunks, scale layer4's dilations by (1, 2, 4).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        pretrained: str = "",
+        output_stride: int = 8,
+        multi_grid: bool = True,
+    ) -> None:
         super().__init__()
-        self.name = cfg.backbone
-        self.output_stride = cfg.output_stride
-        self.trunk = _build_trunk(cfg)
+        if output_stride not in OUTPUT_STRIDES:
+            raise ModelError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
+        self.name = name
+        self.output_stride = output_stride
+        self.trunk = _build_trunk(name, pretrained, output_stride)
         info = self.trunk.feature_info
         self.channels: tuple[int, int, int] = tuple(info.channels())  # type: ignore[assignment]
         self.reductions: tuple[int, int, int] = tuple(info.reduction())  # type: ignore[assignment]
-        if self.reductions[0] != 4 or self.reductions[-1] != cfg.output_stride:
+        if self.reductions[0] != 4 or self.reductions[-1] != output_stride:
             raise ModelError(
-                f"backbone {cfg.backbone!r} gives feature strides {self.reductions}; DeepLabv3+ "
-                f"needs stride 4 low-level features and output stride {cfg.output_stride} "
+                f"backbone {name!r} gives feature strides {self.reductions}; DeepLabv3+ "
+                f"needs stride 4 low-level features and output stride {output_stride} "
                 "(the net may not support dilation: try model.output_stride=32)"
             )
         self.layer4_dilations: tuple[int, ...] | None = (
-            _apply_multi_grid(self.trunk) if cfg.multi_grid else None
+            _apply_multi_grid(self.trunk) if multi_grid else None
         )
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -66,188 +74,22 @@ class Backbone(nn.Module):
         return low, mid, high
 
 
-def _build_trunk(cfg: ModelConfig) -> nn.Module:
-    """Create the timm features_only trunk, with weights as ``cfg.pretrained`` asks."""
-    arch = split_model_name_tag(cfg.backbone)[0]
+def _build_trunk(name: str, pretrained: str, output_stride: int) -> nn.Module:
+    """Create the timm features_only trunk with the initial weights ``pretrained`` names."""
+    arch = split_model_name_tag(name)[0]
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=5)
         hint = f" Close matches: {', '.join(close)}." if close else ""
         raise ModelError(
-            f"unknown model.backbone {cfg.backbone!r}.{hint} List timm's CNNs with "
+            f"unknown model.backbone {name!r}.{hint} List timm's CNNs with "
             f"timm.list_models('*{arch[:6]}*')."
         )
-    model_name, file = _resolve_weights(cfg.backbone, cfg.pretrained)
-    pretrained = bool(cfg.pretrained.strip())
-    kwargs: dict[str, object] = {
-        "features_only": True,
-        "out_indices": OUT_INDICES,
-        "pretrained": pretrained,
-    }
+    source = resolve_weights(name, pretrained)
+    kwargs: dict[str, object] = {"features_only": True, "out_indices": OUT_INDICES}
     # Nets without dilation support reject the argument even at its default value.
-    if cfg.output_stride != 32:
-        kwargs["output_stride"] = cfg.output_stride
-    if file is not None:
-        kwargs["pretrained_cfg_overlay"] = {"file": str(file)}
-    elif pretrained:
-        _fail_fast_if_hub_unreachable(model_name)
-
-    with _capture_missing_keys() as missing:
-        try:
-            trunk = timm.create_model(model_name, **kwargs)
-        except OSError as e:
-            if pretrained and file is None:
-                raise _download_error(model_name, e) from e
-            raise ModelError(f"could not read pretrained weights {str(file)!r}: {e}") from e
-        except (RuntimeError, TypeError, ValueError, AssertionError, IndexError, KeyError) as e:
-            what = f"load {str(file)!r} into" if file is not None else "build"
-            raise ModelError(
-                f"timm could not {what} backbone {model_name!r} (features_only, "
-                f"output_stride={cfg.output_stride}): {type(e).__name__}: {e}"
-            ) from e
-
-    if file is not None:
-        # timm loads features_only trunks non-strictly, so a file with foreign key names
-        # (e.g. a whole segmentation checkpoint) would otherwise leave the trunk random.
-        # BatchNorm fills in a missing counter itself; it is not a weight.
-        trunk_keys = {k for k in trunk.state_dict() if not k.endswith("num_batches_tracked")}
-        bad = [k for k in missing if k in trunk_keys]
-        if bad:
-            raise ModelError(
-                f"{str(file)!r} does not hold {arch!r} weights: {len(bad)} of the trunk's "
-                f"{len(trunk_keys)} tensors are missing from it (e.g. {', '.join(bad[:3])}); "
-                f"save a timm {arch!r} state_dict with these key names"
-            )
-    return trunk
-
-
-def _resolve_weights(backbone: str, pretrained: str) -> tuple[str, Path | None]:
-    """Map ``model.pretrained`` to (timm model name to create, local weights file or None)."""
-    spec = pretrained.strip()
-    if not spec or spec.lower() == "imagenet":
-        # timm picks the name's default pretrained tag itself.
-        return backbone, None
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return backbone, path
-    if path.exists():
-        raise ModelError(f"model.pretrained={spec!r} is a directory, not a weights file")
-    if "/" in spec or os.sep in spec or spec.startswith("~") or spec.endswith(_WEIGHT_SUFFIXES):
-        raise ModelError(f"model.pretrained: weights file {spec!r} does not exist")
-
-    arch = split_model_name_tag(backbone)[0]
-    name = spec if "." in spec else f"{arch}.{spec}"
-    tag_arch = split_model_name_tag(name)[0]
-    if tag_arch != arch:
-        raise ModelError(
-            f"model.pretrained={spec!r} names weights of {tag_arch!r} but model.backbone "
-            f"is {backbone!r}"
-        )
-    try:
-        known = get_pretrained_cfg(name, allow_unregistered=False) is not None
-    except RuntimeError:
-        known = False
-    if not known:
-        tags = timm.list_pretrained(f"{arch}.*")
-        raise ModelError(
-            f"model.pretrained={spec!r} is neither an existing weights file nor a timm "
-            f"pretrained tag of {arch!r} (tags: {', '.join(tags) or 'none'})"
-        )
-    return name, None
-
-
-def _download_error(model_name: str, err: BaseException) -> ModelError:
-    """Build the error that tells how to supply hub weights by hand."""
-    pcfg = get_pretrained_cfg(model_name)
-    arch, tag = split_model_name_tag(model_name)
-    full = f"{arch}.{tag or (pcfg.tag if pcfg else '')}".rstrip(".")
-    if pcfg is not None and pcfg.hf_hub_id:
-        source = (
-            f"the Hugging Face hub id {pcfg.hf_hub_id!r} "
-            f"(https://huggingface.co/{pcfg.hf_hub_id.split('@')[0]}, file model.safetensors "
-            "or pytorch_model.bin)"
-        )
-    elif pcfg is not None and pcfg.url:
-        source = f"{pcfg.url}"
-    else:
-        source = "the timm release that provides them"
-    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return ModelError(
-        f"could not fetch the pretrained weights {full!r} for backbone {arch!r} ({reason}). "
-        f"Download them where there is network access from {source} and pass the local file: "
-        f"model.pretrained=/path/to/{arch}.pth (or .safetensors)"
-    )
-
-
-def _fail_fast_if_hub_unreachable(model_name: str) -> None:
-    """Raise before timm's download when uncached hub weights cannot be fetched."""
-    # huggingface_hub retries a dead network for about a minute before giving up; with
-    # HF_HUB_OFFLINE or a proxy configured we leave the decision to it.
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return
-    proxy_vars = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
-    if any(os.environ.get(v) for v in proxy_vars):
-        return
-    pcfg = get_pretrained_cfg(model_name)
-    if pcfg is None or not pcfg.hf_hub_id:
-        return
-    try:
-        from huggingface_hub import constants, try_to_load_from_cache
-    except ImportError:
-        return
-    repo_id, _, revision = pcfg.hf_hub_id.partition("@")
-    for filename in (pcfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin"):
-        if filename and isinstance(
-            try_to_load_from_cache(repo_id, filename, revision=revision or None), str
-        ):
-            return
-    endpoint = urlparse(constants.ENDPOINT)
-    host = endpoint.hostname or "huggingface.co"
-    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    if not _reachable(host, port, _HUB_PROBE_TIMEOUT_S):
-        raise _download_error(model_name, OSError(f"cannot connect to {host}:{port}"))
-
-
-def _reachable(host: str, port: int, timeout: float) -> bool:
-    """Whether a TCP connection to host:port opens within ``timeout`` seconds."""
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                result.append(True)
-        except OSError:
-            result.append(False)
-
-    # A thread bounds the DNS lookup too, which socket timeouts do not cover.
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(result and result[0])
-
-
-@contextlib.contextmanager
-def _capture_missing_keys() -> Iterator[list[str]]:
-    """Collect the missing keys timm reports (at INFO level) while loading weights."""
-    logger = logging.getLogger("timm.models._builder")
-    found: list[str] = []
-    quiet_below = logger.getEffectiveLevel()
-    pattern = re.compile(r"Missing keys \((.*)\) discovered", re.S)
-
-    def grab(record: logging.LogRecord) -> bool:
-        match = pattern.match(record.getMessage())
-        if match:
-            found.extend(k.strip() for k in match.group(1).split(","))
-        # The level is lowered only to see this record; keep others as quiet as before.
-        return record.levelno >= quiet_below
-
-    old_level = logger.level
-    logger.addFilter(grab)
-    logger.setLevel(min(logging.INFO, quiet_below))
-    try:
-        yield found
-    finally:
-        logger.removeFilter(grab)
-        logger.setLevel(old_level)
+    if output_stride != 32:
+        kwargs["output_stride"] = output_stride
+    return create_with_weights(source, **kwargs)
 
 
 def _apply_multi_grid(trunk: nn.Module) -> tuple[int, ...] | None:

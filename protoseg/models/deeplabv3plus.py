@@ -7,12 +7,15 @@ network has 62,623,189 parameters, the release's count.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from protoseg.config import ModelConfig
-from protoseg.models.backbone import Backbone, ModelError
+from protoseg.models.backbone import Backbone
+from protoseg.models.errors import ModelError
+from protoseg.models.registry import register_model
 
 # Output stride the configured ASPP dilations are stated for (the release's 12/24/36).
 ASPP_REFERENCE_STRIDE = 8
@@ -36,7 +39,7 @@ def _conv_bn_relu(
     ]
 
 
-def scaled_aspp_dilations(dilations: list[int] | tuple[int, ...], output_stride: int) -> list[int]:
+def scaled_aspp_dilations(dilations: Sequence[int], output_stride: int) -> list[int]:
     """Scale dilations stated for output stride 8 to ``output_stride`` (16 halves them)."""
     # The same rates then cover the same image area whatever the stride.
     return [max(1, d * ASPP_REFERENCE_STRIDE // output_stride) for d in dilations]
@@ -45,9 +48,7 @@ def scaled_aspp_dilations(dilations: list[int] | tuple[int, ...], output_stride:
 class ASPP(nn.Module):
     """Atrous spatial pyramid pooling: image pooling, 1x1 and dilated 3x3 branches."""
 
-    def __init__(
-        self, in_ch: int, out_ch: int, dilations: list[int] | tuple[int, ...], dropout: float
-    ) -> None:
+    def __init__(self, in_ch: int, out_ch: int, dilations: Sequence[int], dropout: float) -> None:
         super().__init__()
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), *_conv_bn_relu(in_ch, out_ch, 1))
         self.branches = nn.ModuleList(
@@ -64,35 +65,63 @@ class ASPP(nn.Module):
         return self.project(torch.cat([pooled, *(branch(x) for branch in self.branches)], 1))
 
 
+@register_model("deeplabv3plus")
 class DeepLabV3Plus(nn.Module):
-    """DeepLabv3+ returning logits, the 512-d stride-4 features and optional aux logits."""
+    """DeepLabv3+ returning logits, the 512-d stride-4 features and optional aux logits.
 
-    def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
+    Args:
+        num_classes: output channels of the classifier (and of the aux head).
+        backbone: a timm model name with features_only and dilation support.
+        pretrained: initial backbone weights: "", "imagenet", a timm tag or a local file.
+        output_stride: stride of the backbone's last feature map (8, 16 or 32).
+        multi_grid: scale the dilations of a ResNet layer4 by (1, 2, 4), as the release.
+        aspp_channels: width of every ASPP branch and of its projection.
+        aspp_dilations: ASPP rates stated for output stride 8, rescaled for other strides.
+        low_level_channels: width of the projected stride-4 backbone features.
+        head_channels: width of the classifier's (and aux head's) 3x3 convolutions.
+        dropout: Dropout2d rate after the ASPP projection and the classifier's convs.
+        aux_head: add an auxiliary classifier on the layer3 features (output ``aux``).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        backbone: str = "resnet101s",
+        pretrained: str = "",
+        output_stride: int = 8,
+        multi_grid: bool = True,
+        aspp_channels: int = 256,
+        aspp_dilations: Sequence[int] = (12, 24, 36),
+        low_level_channels: int = 256,
+        head_channels: int = 256,
+        dropout: float = 0.1,
+        aux_head: bool = False,
+    ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ModelError(f"num_classes must be positive, got {num_classes}")
         self.num_classes = num_classes
-        self.backbone = Backbone(cfg)
+        self.backbone = Backbone(backbone, pretrained, output_stride, multi_grid)
         low_ch, mid_ch, high_ch = self.backbone.channels
-        self.aspp_dilations = scaled_aspp_dilations(cfg.aspp_dilations, cfg.output_stride)
-        self.aspp = ASPP(high_ch, cfg.aspp_channels, self.aspp_dilations, cfg.dropout)
-        self.low_level = nn.Sequential(*_conv_bn_relu(low_ch, cfg.low_level_channels, 1, bias=True))
-        self.feature_dim = cfg.low_level_channels + cfg.aspp_channels
-        head = cfg.head_channels
+        self.aspp_dilations = scaled_aspp_dilations(aspp_dilations, output_stride)
+        self.aspp = ASPP(high_ch, aspp_channels, self.aspp_dilations, dropout)
+        self.low_level = nn.Sequential(*_conv_bn_relu(low_ch, low_level_channels, 1, bias=True))
+        self.feature_dim = low_level_channels + aspp_channels
         # The release's "linear predictor": two 3x3 convs before the 1x1 classifier.
         self.classifier = nn.Sequential(
-            *_conv_bn_relu(self.feature_dim, head, 3, bias=True),
-            nn.Dropout2d(cfg.dropout),
-            *_conv_bn_relu(head, head, 3, bias=True),
-            nn.Dropout2d(cfg.dropout),
-            nn.Conv2d(head, num_classes, 1),
+            *_conv_bn_relu(self.feature_dim, head_channels, 3, bias=True),
+            nn.Dropout2d(dropout),
+            *_conv_bn_relu(head_channels, head_channels, 3, bias=True),
+            nn.Dropout2d(dropout),
+            nn.Conv2d(head_channels, num_classes, 1),
         )
         self.aux: nn.Module | None = None
-        if cfg.aux_head:
+        if aux_head:
             self.aux = nn.Sequential(
-                *_conv_bn_relu(mid_ch, head, 3),
+                *_conv_bn_relu(mid_ch, head_channels, 3),
                 nn.Dropout2d(AUX_DROPOUT),
-                nn.Conv2d(head, num_classes, 1),
+                nn.Conv2d(head_channels, num_classes, 1),
             )
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
