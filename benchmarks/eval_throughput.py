@@ -1,6 +1,6 @@
 """Evaluation throughput: whole-image and sliding-window inference (windows batched).
 
-Times ``protoseg.engine.evaluator.infer_logits`` on random images of a fixed size with a
+Times ``protoseg.inference.infer_logits`` on random images of a fixed size with a
 DeepLabv3+ of the chosen backbone, for whole-image inference and for sliding windows at
 several window batch sizes; reports images per second (median over repeats).
 

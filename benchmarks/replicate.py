@@ -20,13 +20,13 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from protoseg.data import DEFAULT_LABEL_COUNTS, DEFAULT_NUM_TRAIN  # noqa: E402
 from protoseg.cli.demo import (  # noqa: E402
     RunSpec,
     build_run_config,
     ensure_dataset,
     train_run,
 )
+from protoseg.data import DEFAULT_LABEL_COUNTS, DEFAULT_NUM_TRAIN  # noqa: E402
 
 
 def mean_std(values: list[float]) -> str:

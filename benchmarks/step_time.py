@@ -28,14 +28,21 @@ def run_single(args: argparse.Namespace) -> dict:
     """Time one method in this process; returns a JSON-ready dict."""
     import torch
 
-    from protoseg.config import load_config
+    from protoseg.components import InitContext
+    from protoseg.config import load_config, method_config_class
     from protoseg.engine.optim import build_optimizer
-    from protoseg.methods import WarmupContext, create_method
+    from protoseg.methods import create_method
     from protoseg.models import create_model
 
     device = torch.device(
         args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
+    defaults = method_config_class(args.method)()
+    method_keys = []
+    if hasattr(defaults, "warmup_epochs"):
+        method_keys.append("method.warmup_epochs=0")
+    if hasattr(defaults, "prototypes"):
+        method_keys.append(f"method.prototypes.per_class={args.prototypes}")
     cfg = load_config(
         None,
         [
@@ -44,8 +51,7 @@ def run_single(args: argparse.Namespace) -> dict:
             f"model.backbone={args.backbone}",
             f"model.output_stride={args.output_stride}",
             f"method.name={args.method}",
-            "method.warmup_epochs=0",
-            f"method.prototypes_per_class={args.prototypes}",
+            *method_keys,
             f"train.loss={args.loss}",
             f"train.precision={args.precision}",
             *args.set,
@@ -55,7 +61,7 @@ def run_single(args: argparse.Namespace) -> dict:
     model = create_model(cfg.model, cfg.data.num_classes).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    method = create_method(args.method, model, cfg).to(device)
+    method = create_method(model, cfg).to(device)
     method.setup(steps_per_epoch=1000)
     optimizer = build_optimizer(model, cfg.optim)
     gen = torch.Generator().manual_seed(0)
@@ -73,8 +79,8 @@ def run_single(args: argparse.Namespace) -> dict:
             {k: v.to(device) for k, v in unlabeled.items()},
         )
 
-    if method.needs_warmup_hook():
-        method.on_warmup_end(WarmupContext([batch()[0]], device))
+    if method.needs_init(0):
+        method.initialize(InitContext([batch()[0]], device))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     method.train()
     times = []

@@ -224,7 +224,7 @@ def _merge(schema: Any, *layers: Any, source: str) -> Any:
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or ""
         raise ConfigError(
-            f"{source}: invalid key or value {key!r}: {exc.msg.splitlines()[0]}"
+            f"{source}: invalid key or value {key!r}: {(exc.msg or str(exc)).splitlines()[0]}"
         ) from None
 
 

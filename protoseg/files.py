@@ -135,9 +135,10 @@ def _unsafe_reason(exc: Exception) -> str:
 
 
 def load_state_strict(
-    module: torch.nn.Module, state: dict[str, Any], path: str | Path, what: str = "model"
+    module: Any, state: dict[str, Any], path: str | Path, what: str = "model"
 ) -> None:
-    """load_state_dict that turns key/shape mismatches into a CheckpointError naming the file."""
+    """``module.load_state_dict(state)`` (any nn.Module or training method) that turns key and
+    shape mismatches into a CheckpointError naming the file."""
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:

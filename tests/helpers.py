@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 # Per method, what takes its unlabelled losses from the first step on the tiny set.
 METHOD_OVERRIDES = {
     "supervised": [],

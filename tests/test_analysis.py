@@ -16,13 +16,13 @@ from PIL import Image
 from protoseg.analysis.discrimination import _sample_map, scatter_traces, select_pixels
 from protoseg.analysis.export import export_onnx, sidecar_path
 from protoseg.analysis.infer import predict_paths
-from protoseg.inference import Predictor, load
 from protoseg.analysis.qualitative import load_val_examples
-from protoseg.cli.sweep import collect, plan_sweep, split_values
 from protoseg.cli import main
+from protoseg.cli.sweep import collect, plan_sweep, split_values
 from protoseg.config import ConfigError, load_config
 from protoseg.data import build_dataset, eval_transform, generate_synthetic
 from protoseg.files import CheckpointError
+from protoseg.inference import Predictor, load
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -150,9 +150,9 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 
 
 def test_demo_regenerates_a_stale_dataset_and_keeps_foreign_folders(tmp_path):
+    from protoseg.cli.demo import ensure_dataset
     from protoseg.data.splits import DataError
     from protoseg.data.synthetic import STAMP_FILE
-    from protoseg.cli.demo import ensure_dataset
 
     root = ensure_dataset(tmp_path / "data")
     stamp = json.loads((root / STAMP_FILE).read_text())

@@ -12,9 +12,9 @@ from helpers import poison_step, tiny_overrides
 from protoseg.config import load_config
 from protoseg.data import build_dataset, build_eval_loader, eval_transform
 from protoseg.engine.checkpoint import latest_checkpoint, list_checkpoints
-from protoseg.files import CheckpointError
 from protoseg.engine.optim import poly_factor
 from protoseg.engine.trainer import NonFiniteLossError, Trainer
+from protoseg.files import CheckpointError
 
 
 def tiny_config(root, out, method="supervised", *extra):

@@ -186,8 +186,9 @@ def run_demo(
     started = time.perf_counter()
     data_root = ensure_dataset(out / "data")
     outcomes = []
-    cfg = None
-    for spec in default_runs(full, methods):
+    specs = default_runs(full, methods)
+    cfg = build_run_config(specs[0], data_root, out / specs[0].name, seed, iterations, device)
+    for spec in specs:
         cfg = build_run_config(spec, data_root, out / spec.name, seed, iterations, device)
         log.info("demo: training %s", spec.name)
         outcomes.append(train_run(cfg, spec))

@@ -25,12 +25,14 @@ from protoseg.config import ConfigError, load_config
 
 log = logging.getLogger(__name__)
 
-HEADS = ("linear", "prototype")
+RESULT_PREFIX = "eval_final_"
 
 
 def split_values(text: str) -> list[str]:
     """Split on commas that are not inside brackets or quotes: 'a,[1,2]' -> ['a', '[1,2]']."""
-    parts, depth, quote, current = [], 0, "", []
+    parts: list[str] = []
+    current: list[str] = []
+    depth, quote = 0, ""
     for char in text:
         if quote:
             quote = "" if char == quote else quote
@@ -85,7 +87,8 @@ def plan_sweep(
     config: str, overrides: Sequence[str], out_dir: str | Path = "runs/sweep"
 ) -> SweepPlan:
     """Find the one swept ``key=v1,v2,...`` among the overrides and check every run's config."""
-    swept, shared = [], []
+    swept: list[tuple[str, list[str], str]] = []
+    shared: list[tuple[str, list[str], str]] = []
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -139,7 +142,8 @@ def _miou(path: Path) -> float:
 def collect_one(plan: SweepPlan, value: str) -> SweepRow:
     """Read one run's eval_final_<head>.json files and eval_best.json."""
     run = plan.run_dir(value)
-    miou = {h: _miou(run / f"eval_final_{h}.json") for h in HEADS}
+    files = sorted(run.glob(f"{RESULT_PREFIX}*.json")) if run.is_dir() else []
+    miou = {p.stem[len(RESULT_PREFIX) :]: _miou(p) for p in files}
     done = any(not math.isnan(v) for v in miou.values())
     return SweepRow(value, run, miou, _miou(run / "eval_best.json"), "done" if done else "missing")
 
@@ -194,6 +198,12 @@ def run_sweep(plan: SweepPlan, nproc: int = 1) -> list[SweepRow]:
     return rows
 
 
+def result_heads(rows: Sequence[SweepRow]) -> list[str]:
+    """Every head with a final result in some run, the linear head first."""
+    found = {head for r in rows for head in r.miou}
+    return sorted(found, key=lambda h: (h != "linear", h))
+
+
 def _fmt(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.2f}"
 
@@ -202,30 +212,32 @@ def write_report(plan: SweepPlan, rows: Sequence[SweepRow]) -> tuple[Path, Path,
     """Write sweep.csv, sweep.md and sweep.png (mIoU against the swept value) into the out dir."""
     out = plan.out_dir
     out.mkdir(parents=True, exist_ok=True)
+    heads = result_heads(rows)
     csv_path = out / "sweep.csv"
     with csv_path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(
-            ["key", "value", "miou_linear", "miou_prototype", "best_miou", "status", "run_dir"]
+            ["key", "value", *(f"miou_{h}" for h in heads), "best_miou", "status", "run_dir"]
         )
         for r in rows:
             writer.writerow(
                 [
                     plan.key,
                     r.value,
-                    *(_fmt(r.miou[h]) for h in HEADS),
+                    *(_fmt(r.miou.get(h, math.nan)) for h in heads),
                     _fmt(r.best_miou),
                     r.status,
                     str(r.run_dir),
                 ]
             )
     lines = [
-        f"| {plan.key} | mIoU linear | mIoU prototype | best mIoU | status |",
-        "|---|---|---|---|---|",
+        f"| {plan.key} | " + "".join(f"mIoU {h} | " for h in heads) + "best mIoU | status |",
+        "|---|" + "---|" * (len(heads) + 2),
     ]
     lines += [
-        f"| {r.value} | {_fmt(r.miou['linear'])} | {_fmt(r.miou['prototype'])} | "
-        f"{_fmt(r.best_miou)} | {r.status} |"
+        f"| {r.value} | "
+        + "".join(f"{_fmt(r.miou.get(h, math.nan))} | " for h in heads)
+        + f"{_fmt(r.best_miou)} | {r.status} |"
         for r in rows
     ]
     md_path = out / "sweep.md"
@@ -248,8 +260,8 @@ def plot_sweep(key: str, rows: Sequence[SweepRow], path: Path) -> Path:
         xs, ticks = list(range(len(rows))), [r.value for r in rows]
     order = sorted(range(len(rows)), key=lambda i: xs[i])
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    for head in HEADS:
-        ys = [rows[i].miou[head] for i in order]
+    for head in result_heads(rows):
+        ys = [rows[i].miou.get(head, math.nan) for i in order]
         if all(math.isnan(y) for y in ys):
             continue
         ax.plot([xs[i] for i in order], ys, marker="o", label=f"{head} head")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,7 +129,7 @@ class PrototypeBranch(nn.Module):
         logs: dict[str, Any] = {}
         if not cfg.train_predictor and not cfg.update:
             return loss, logs
-        size = tuple(y_l.shape[-2:])
+        size = (int(y_l.shape[-2]), int(y_l.shape[-1]))
         coords = sample_grid_coords(size[0], size[1], cfg.sample_grid, device=y_l.device)
         cy, cx = coords[:, 0], coords[:, 1]
         feats_l = gather_features(features_l, coords, size)  # (B, N, D)
@@ -259,7 +259,7 @@ def collect_class_features(
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    num_images = max(len(loader), 1) if hasattr(loader, "__len__") else 1
+    num_images = max(len(loader), 1) if isinstance(loader, Sized) else 1
     share = max(8, math.ceil(2 * per_class / num_images))
     chunks: list[tuple[Tensor, Tensor]] = []
     for batch in loader:

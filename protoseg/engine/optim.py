@@ -11,8 +11,9 @@ from protoseg.config import OptimConfig
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> SGD:
     """SGD with two groups: the backbone at lr, the decoder and heads at lr x decoder_lr_mult."""
-    if hasattr(model, "param_groups"):
-        backbone, decoder = model.param_groups()
+    param_groups = getattr(model, "param_groups", None)
+    if callable(param_groups):
+        backbone, decoder = param_groups()
     else:
         backbone, decoder = [], list(model.parameters())
     groups = [

@@ -248,7 +248,11 @@ class Trainer:
                 self.data.to_device(next(unlabeled_iter)) if unlabeled_iter is not None else None
             )
             sync = micro == accum - 1 or not isinstance(ddp, DistributedDataParallel)
-            context = contextlib.nullcontext() if sync else ddp.no_sync()
+            context = (
+                ddp.no_sync()
+                if not sync and isinstance(ddp, DistributedDataParallel)
+                else contextlib.nullcontext()
+            )
             with context:
                 with self._autocast():
                     out = self.method.training_step(labeled, unlabeled, self.step)

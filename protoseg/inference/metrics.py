@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -198,7 +198,7 @@ def format_table(result: EvalResult, class_names: Sequence[str]) -> str:
 
 def save_result(
     result: EvalResult,
-    path: str | os.PathLike[str],
+    path: str | Path,
     class_names: Sequence[str] = (),
     extra: dict[str, Any] | None = None,
 ) -> None:

@@ -51,8 +51,11 @@ def model_payload(cfg: Config, network: nn.Module, heads: dict[str, dict[str, An
     }
 
 
-def deployment_index(method: nn.Module, network: nn.Module, heads: dict[str, Any]) -> dict:
-    """Where the deployed network sits inside a method's state dict (for checkpoints)."""
+def deployment_index(method: Any, network: nn.Module, heads: dict[str, Any]) -> dict:
+    """Where the deployed network sits inside a method's state dict (for checkpoints).
+
+    ``method`` is any module tree (a training method) that holds ``network``.
+    """
     for name, module in method.named_modules():
         if module is network:
             return {"network_prefix": f"{name}." if name else "", "heads": heads}

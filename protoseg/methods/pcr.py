@@ -69,8 +69,9 @@ class PCR(MethodBase):
         self.config: PCRConfig = cfg.method
         c = self.config
         self.teacher = EMATeacher(model, c.ema_decay, c.teacher_bn)
+        feature_dim: int = model.feature_dim  # type: ignore[assignment]
         self.branch = PrototypeBranch(
-            c.prototypes, self.num_classes, model.feature_dim, self.ignore_index
+            c.prototypes, self.num_classes, feature_dim, self.ignore_index
         )
         # The primary head decides the best model and what eval reports first.
         self.heads = ("linear", PROTOTYPE_HEAD) if c.linear_head else (PROTOTYPE_HEAD, "linear")

@@ -80,7 +80,23 @@ class SegmentationMethod(Protocol):
         """What a model file of this method holds."""
         ...
 
-    # nn.Module members the engine uses: state_dict, load_state_dict, train, to.
+    # nn.Module members the engine uses (a method is an nn.Module).
     def state_dict(self) -> dict[str, Tensor]:
         """Every tensor a resume needs (student, teacher, banks)."""
+        ...
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True) -> Any:
+        """Restore what ``state_dict`` returned."""
+        ...
+
+    def train(self, mode: bool = True) -> Any:
+        """Training mode for the student (a teacher keeps its own mode)."""
+        ...
+
+    def to(self, device: Any) -> Any:
+        """Move every network and buffer to ``device``."""
+        ...
+
+    def named_modules(self) -> Any:
+        """Sub-modules by name (where the deployed network sits in the state dict)."""
         ...

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+from typing import Any
 
 import timm
 from timm.models import split_model_name_tag
@@ -55,9 +56,9 @@ class Backbone(nn.Module):
         self.name = name
         self.output_stride = output_stride
         self.trunk = _build_trunk(name, pretrained, output_stride)
-        info = self.trunk.feature_info
-        self.channels: tuple[int, int, int] = tuple(info.channels())  # type: ignore[assignment]
-        self.reductions: tuple[int, int, int] = tuple(info.reduction())  # type: ignore[assignment]
+        info: Any = self.trunk.feature_info
+        self.channels: tuple[int, int, int] = tuple(info.channels())
+        self.reductions: tuple[int, int, int] = tuple(info.reduction())
         if self.reductions[0] != 4 or self.reductions[-1] != output_stride:
             raise ModelError(
                 f"backbone {name!r} gives feature strides {self.reductions}; DeepLabv3+ "
@@ -96,8 +97,9 @@ def _apply_multi_grid(trunk: nn.Module) -> tuple[int, ...] | None:
     """Set layer4's 3x3 dilations to base * (1, 2, 4) on ResNet-like trunks; return them."""
     layer4 = getattr(trunk, "layer4", None)
     blocks = list(layer4.children()) if isinstance(layer4, nn.Module) else []
-    convs = [getattr(block, "conv2", None) for block in blocks]
-    if not convs or not all(_is_square_odd_conv(c) for c in convs):
+    found = [getattr(block, "conv2", None) for block in blocks]
+    convs = [c for c in found if isinstance(c, nn.Conv2d)]
+    if not convs or len(convs) != len(found) or not all(_is_square_odd_conv(c) for c in convs):
         _log.info("multi_grid skipped: backbone has no ResNet-style layer4 with 3x3 conv2")
         return None
     # timm gives every block after the first the layer's dilation (the first keeps the
