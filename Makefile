@@ -2,7 +2,7 @@
 PYTHON ?= python3
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test test-all lint format
+.PHONY: install demo test test-all lint typecheck format
 
 install:
 	$(PYTHON) -m pip install -q -e '.[dev]'
@@ -19,6 +19,9 @@ test-all: install
 lint:
 	ruff check protoseg tests benchmarks
 	ruff format --check protoseg tests benchmarks
+
+typecheck: install
+	$(PYTHON) -m mypy
 
 format:
 	ruff format protoseg tests benchmarks

@@ -42,8 +42,17 @@ def create_method(model: nn.Module, cfg: Config) -> SegmentationMethod:
     return METHODS[name](model, cfg)  # type: ignore[return-value]
 
 
-# Importing the modules registers them; new methods add one line here.
-from protoseg.methods import cutmix_seg, mean_teacher, pcr, supervised  # noqa: E402, F401
+def _import_method_modules() -> None:
+    """Import every module of this package, so a new method needs no line anywhere else."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if info.name not in ("common", "protocol"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_method_modules()
 
 __all__ = [
     "METHODS",
