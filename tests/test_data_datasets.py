@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -227,8 +228,13 @@ def test_size_mismatch(tmp_path: Path) -> None:
         np.zeros((20, 29), np.uint8), tmp_path / "SegmentationClassAug" / "2007_000002.png"
     )
     cfg = _cfg(tmp_path)
-    ds = build_dataset(cfg, "labeled", eval_transform(cfg))
-    with pytest.raises(DataError, match=r"000002.png: mask is 29x20 but its image .* is 30x20"):
+    # Found up front from the headers, with the split line...
+    pattern = r"000002.png: mask is 29x20 but its image .* is 30x20"
+    with pytest.raises(DataError, match=pattern + r".*labeled.txt, line 2\)"):
+        build_dataset(cfg, "labeled", eval_transform(cfg))
+    # ...and when the item is read without that check.
+    ds = build_dataset(_cfg(tmp_path, check_files=False), "labeled", eval_transform(cfg))
+    with pytest.raises(DataError, match=pattern):
         ds[1]
 
 
@@ -237,13 +243,16 @@ def test_out_of_range_labels(tmp_path: Path) -> None:
     mask = np.zeros((20, 30), np.uint8)
     mask[0, :3] = (21, 40, 254)
     save_mask_png(mask, tmp_path / "SegmentationClassAug" / "2007_000001.png")
-    cfg = _cfg(tmp_path)
+    cfg = _cfg(tmp_path, check_files=False)
     ds = build_dataset(cfg, "labeled", eval_transform(cfg))
     with pytest.raises(DataError) as info:
         ds[0]
     message = str(info.value)
     assert "2007_000001.png: label values 21, 40, 254 are outside [0, 21)" in message
     assert "data.num_classes" in message and "data.ignore_index" in message
+    # The up-front label check decodes the first mask and stops on it as well.
+    with pytest.raises(DataError, match="2007_000001.png: label values 21, 40, 254"):
+        build_dataset(_cfg(tmp_path), "labeled", eval_transform(cfg))
 
 
 def test_corrupt_and_truncated_images(tmp_path: Path) -> None:
@@ -252,12 +261,16 @@ def test_corrupt_and_truncated_images(tmp_path: Path) -> None:
     good = jpeg.read_bytes()
     jpeg.write_bytes(np.random.default_rng(0).bytes(500))
     cfg = _cfg(tmp_path)
-    ds = build_dataset(cfg, "labeled", eval_transform(cfg))
+    with pytest.raises(DataError, match=r"2007_000001.jpg: cannot read image .* corrupt.*line 1\)"):
+        build_dataset(cfg, "labeled", eval_transform(cfg))
+    lazy = _cfg(tmp_path, check_files=False)
+    ds = build_dataset(lazy, "labeled", eval_transform(cfg))
     with pytest.raises(DataError, match="2007_000001.jpg: cannot read image .* corrupt"):
         ds[0]
+    # A truncated file has a readable header: only decoding it finds the fault.
     jpeg.write_bytes(good[: len(good) // 2])
     with pytest.raises(DataError, match="2007_000001.jpg: cannot read image"):
-        ds[0]
+        build_dataset(cfg, "labeled", eval_transform(cfg))[0]
     (tmp_path / "SegmentationClassAug" / "2007_000002.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="2007_000002.png: cannot read mask"):
         ds[1]
@@ -289,3 +302,52 @@ def test_malformed_cityscapes_line_names_split_line(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, layout="cityscapes", num_classes=19)
     with pytest.raises(DataError, match=r"labeled.txt, line 2: entry '2007_000001' is not a Cit"):
         build_dataset(cfg, "labeled", eval_transform(cfg))
+
+
+def test_repeated_lines_warn_in_training_splits_and_are_refused_in_val(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _voc_fixture(tmp_path)
+    split = tmp_path / "splits" / "labeled.txt"
+    split.write_text("2007_000001\n2007_000002\n\n2007_000001\n2007_000002\n2007_000001\n")
+    cfg = _cfg(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        ds = build_dataset(cfg, "labeled", eval_transform(cfg))
+    assert len(ds) == 5  # kept as listed: the file is the user's choice of weights
+    assert f"{split}: 2 entries are listed more than once" in caplog.text
+    assert "'2007_000001' on lines 1, 4, 6; '2007_000002' on lines 2, 5" in caplog.text
+    assert "delete the repeated lines" in caplog.text
+    with pytest.raises(DataError) as info:
+        build_dataset(_cfg(tmp_path, val_split=str(split)), "val", eval_transform(cfg))
+    message = str(info.value)
+    assert message.startswith(f"{split}: 2 entries are listed more than once")
+    assert "count twice in the validation mIoU: delete the repeated lines" in message
+
+
+def test_labelled_split_without_a_labelled_pixel_is_refused(tmp_path: Path) -> None:
+    _voc_fixture(tmp_path)
+    for name in ("2007_000001", "2007_000002"):
+        save_mask_png(
+            np.full((20, 30), 255, np.uint8), tmp_path / "SegmentationClassAug" / f"{name}.png"
+        )
+    cfg = _cfg(tmp_path)
+    split = tmp_path / "splits" / "labeled.txt"
+    with pytest.raises(DataError) as info:
+        build_dataset(cfg, "labeled", eval_transform(cfg))
+    message = str(info.value)
+    assert message.startswith(f"{split}: every mask of its 2 entries holds only the ignore index")
+    assert "data.mask_dir" in message and "data.ignore_index" in message
+    # One labelled pixel anywhere in the split is enough.
+    mask = np.full((20, 30), 255, np.uint8)
+    mask[5, 5] = 0
+    save_mask_png(mask, tmp_path / "SegmentationClassAug" / "2007_000002.png")
+    assert len(build_dataset(cfg, "labeled", eval_transform(cfg))) == 2
+    # Cityscapes raw ids are mapped first: ids that map to no train class count as ignore.
+    _city_fixture(tmp_path / "city")
+    _rgb(
+        tmp_path / "city" / CITY_MASKS / "aachen_000000_000019_gtFine_labelIds.png",
+        np.full((8, 12), 4, np.uint8),
+    )
+    city = _cfg(tmp_path / "city", layout="cityscapes", num_classes=19)
+    with pytest.raises(DataError, match="labeled.txt: every mask of its 1 entries"):
+        build_dataset(city, "labeled", eval_transform(city))

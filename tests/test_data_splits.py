@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
 from protoseg.config import DataConfig
-from protoseg.data import LAYOUTS, DataError, make_split, read_split, write_split
+from protoseg.data import LAYOUTS, DataError, make_split, read_split, split_list, write_split
 
 
 def _manifest(shared_splits: Path) -> list[tuple[Path, int]]:
@@ -80,7 +81,18 @@ def test_write_then_read_round_trip(tmp_path: Path) -> None:
     assert path.read_text() == "x1\nx2\n"
     assert read_split(path) == ["x1", "x2"]
     with pytest.raises(DataError, match="labeled.txt"):
-        write_split(path, ["ok", "two\nlines"])
+        write_split(path, ["ok", "two\nlines"], overwrite=True)
+
+
+def test_write_split_keeps_an_existing_file_unless_told(tmp_path: Path) -> None:
+    path = tmp_path / "labeled.txt"
+    write_split(path, ["mine"])
+    with pytest.raises(DataError) as info:
+        write_split(path, ["other"])
+    assert str(info.value).startswith(f"{path}: already exists; pass --force")
+    assert path.read_text() == "mine\n"
+    write_split(path, ["other"], overwrite=True)
+    assert read_split(path) == ["other"]
 
 
 def test_make_split_is_a_seeded_partition() -> None:
@@ -93,3 +105,44 @@ def test_make_split_is_a_seeded_partition() -> None:
     for bad in (0, 51, -1):
         with pytest.raises(DataError, match="num_labeled"):
             make_split(names, bad, seed=0)
+
+
+def test_make_split_uses_a_repeated_name_once(caplog: pytest.LogCaptureFixture) -> None:
+    names = ["a", "b", "a", "c", "b", "d"]
+    with caplog.at_level(logging.WARNING):
+        for seed in range(20):
+            labeled, unlabeled = make_split(names, 2, seed)
+            assert not set(labeled) & set(unlabeled)
+            assert sorted(labeled + unlabeled) == ["a", "b", "c", "d"]
+    assert "'a' on lines 1, 3; 'b' on lines 2, 5" in caplog.text
+    with pytest.raises(DataError, match=r"num_labeled=5 must lie in \[1, 4\]"):
+        make_split(names, 5, 0)
+
+
+def test_split_list_warns_with_line_numbers_and_refuses_to_overwrite(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    names = tmp_path / "all.txt"
+    names.write_text("img_0\nimg_1\n\nimg_2\nimg_1\nimg_3\n")
+    out = tmp_path / "splits"
+    with caplog.at_level(logging.WARNING):
+        labeled_file, unlabeled_file = split_list(names, out, 2, seed=0)
+    assert f"{names}: 1 names are listed more than once" in caplog.text
+    assert "'img_1' on lines 2, 5" in caplog.text
+    labeled, unlabeled = read_split(labeled_file), read_split(unlabeled_file)
+    assert len(labeled) == 2 and sorted(labeled + unlabeled) == [f"img_{i}" for i in range(4)]
+    # A second run refuses before writing either file; force replaces both.
+    (out / "labeled.txt").unlink()
+    with pytest.raises(DataError) as info:
+        split_list(names, out, 3, seed=1)
+    assert str(info.value).startswith(f"{out / 'unlabeled.txt'}: already exists; pass --force")
+    assert not (out / "labeled.txt").exists() and read_split(unlabeled_file) == unlabeled
+    split_list(names, out, 3, seed=1, force=True)
+    assert len(read_split(labeled_file)) == 3 and len(read_split(unlabeled_file)) == 1
+    with pytest.raises(DataError, match=r"--num-labeled 5 must lie in \[1, 4\].*all.txt"):
+        split_list(names, tmp_path / "other", 5)
+    # Every name labelled: the unlabelled list repeats them, as splits/full does.
+    split_list(names, tmp_path / "full", 4)
+    assert read_split(tmp_path / "full" / "unlabeled.txt") == read_split(
+        tmp_path / "full" / "labeled.txt"
+    )

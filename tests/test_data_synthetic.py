@@ -138,3 +138,17 @@ def test_invalid_arguments_are_rejected(tmp_path: Path) -> None:
         generate_synthetic(tmp_path, num_train=10, num_val=2, label_counts=(50,))
     with pytest.raises(DataError, match="image_size"):
         generate_synthetic(tmp_path, num_train=10, num_val=2, image_size=8, label_counts=(2,))
+
+
+def test_existing_splits_are_kept_unless_overwrite(tmp_path: Path) -> None:
+    kw = dict(num_train=6, num_val=2, image_size=32, label_counts=(2,))
+    root = generate_synthetic(tmp_path / "d", **kw)
+    classes = root / "classes.txt"
+    classes.write_text("my\nown\nnames\n")
+    with pytest.raises(DataError) as info:
+        generate_synthetic(root, seed=5, **kw)
+    assert str(info.value).startswith(f"{root / 'splits' / 'val.txt'}: already exists (and ")
+    assert "pass --force" in str(info.value)
+    assert classes.read_text() == "my\nown\nnames\n"
+    generate_synthetic(root, seed=5, overwrite=True, **kw)
+    assert read_split(classes) == SYNTHETIC_CLASSES

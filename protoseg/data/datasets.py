@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -9,10 +10,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from protoseg.config import DataConfig
-from protoseg.data.splits import DataError, read_split_lines
+from protoseg.data.io import image_size, max_image_pixels, open_image, to_rgb
+from protoseg.data.splits import (
+    DataError,
+    describe_duplicates,
+    duplicate_entries,
+    read_split_lines,
+)
+
+log = logging.getLogger(__name__)
 
 # t(image, mask) -> (image tensor, mask tensor or None); see protoseg.data.transforms.
 Transform = Callable[[Image.Image, np.ndarray | None], tuple[torch.Tensor, torch.Tensor | None]]
@@ -129,23 +138,6 @@ LAYOUTS: dict[str, Callable[[DataConfig, str, bool], Sample]] = {
 LABEL_LOOKUPS: dict[str, np.ndarray] = {"cityscapes": CITYSCAPES_LABEL_ID_TO_TRAIN_ID}
 
 
-def _open_image(path: Path, what: str) -> Image.Image:
-    try:
-        image = Image.open(path)
-        # Decoding is lazy; load now so a truncated file fails here, with its name.
-        image.load()
-    except FileNotFoundError:
-        raise DataError(
-            f"{path}: {what} not found; check data.root or remove the entry from the split file"
-        ) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DataError(
-            f"{path}: cannot read {what} ({exc}); the file is corrupt or not an image: "
-            f"re-download / re-extract it or remove the entry from the split file"
-        ) from None
-    return image
-
-
 _MASK_MODES = ("L", "P", "I", "I;16", "1")
 
 
@@ -156,6 +148,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
     seed, so the result depends only on (i, seed) and not on which worker or rank loads it.
     Items hold image, index, name, size (H0, W0), and mask for labelled samples; unlabelled
     ones carry ``valid`` instead, a bool (H, W) map that is False on crop padding.
+
+    ``max_pixels`` is the decompression-bomb limit (None: the one in force when the dataset
+    is built, see :func:`protoseg.data.io.max_image_pixels`; 0: none). It is stored on the
+    dataset so DataLoader workers apply the same limit however they are started.
     """
 
     def __init__(
@@ -165,6 +161,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         num_classes: int,
         ignore_index: int = 255,
         label_lookup: np.ndarray | None = None,
+        max_pixels: int | None = None,
     ) -> None:
         if num_classes <= 0:
             raise DataError(f"num_classes={num_classes} must be > 0; set data.num_classes")
@@ -173,6 +170,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.label_lookup = None if label_lookup is None else np.asarray(label_lookup)
+        self.max_pixels = max_image_pixels(max_pixels) or 0
         # Which samples need their mask ids mapped through label_lookup, by position.
         self.map_ids = [sample.map_ids for sample in self.samples]
         if any(self.map_ids) and self.label_lookup is None:
@@ -190,16 +188,15 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def load_image(self, index: int) -> Image.Image:
-        """The RGB image of sample ``index`` (greyscale, RGBA and palette inputs converted)."""
-        image = _open_image(self.samples[index].image, "image")
-        return image if image.mode == "RGB" else image.convert("RGB")
+        """The 8-bit RGB image of sample ``index``, read as ``predict`` reads it (to_rgb)."""
+        return to_rgb(open_image(self.samples[index].image, "image", self.max_pixels))
 
     def load_mask(self, index: int, size: tuple[int, int] | None = None) -> np.ndarray | None:
         """The checked (H, W) label mask of sample ``index``; None for unlabelled samples."""
         sample = self.samples[index]
         if sample.mask is None:
             return None
-        image = _open_image(sample.mask, "mask")
+        image = open_image(sample.mask, "mask", self.max_pixels)
         if image.mode not in _MASK_MODES:
             raise DataError(
                 f"{sample.mask}: mask has mode {image.mode!r}; masks hold one class id per pixel "
@@ -301,8 +298,17 @@ def split_path(cfg: DataConfig, split: str) -> Path:
     return path if path.is_absolute() else data_root(cfg) / path
 
 
-def build_dataset(cfg: DataConfig, split: str, transform: Transform) -> SegmentationDataset:
-    """The dataset of one split ('labeled', 'unlabeled' or 'val') as configured by cfg."""
+def build_dataset(
+    cfg: DataConfig, split: str, transform: Transform, max_pixels: int | None = None
+) -> SegmentationDataset:
+    """The dataset of one split ('labeled', 'unlabeled' or 'val') as configured by cfg.
+
+    A line listed twice is refused in the val split (it would count twice in the mIoU) and
+    kept with a warning in training splits (it only doubles that image's sampling weight).
+    With ``data.check_files`` every file is checked before training starts: it exists, its
+    header reads, it is within the pixel limit (``max_pixels``, see SegmentationDataset),
+    each mask matches its image's size, and a labelled split has at least one labelled pixel.
+    """
     root = data_root(cfg)
     if not root.is_dir():
         raise DataError(
@@ -316,9 +322,11 @@ def build_dataset(cfg: DataConfig, split: str, transform: Transform) -> Segmenta
     reader = LAYOUTS[cfg.layout]
     path = split_path(cfg, split)
     needs_mask = split != "unlabeled"
+    entries = read_split_lines(path, f"data.{_SPLIT_KEYS[split]}")
+    _check_duplicates(entries, path, split)
     samples: list[Sample] = []
     line_numbers: list[int] = []
-    for number, line in read_split_lines(path, f"data.{_SPLIT_KEYS[split]}"):
+    for number, line in entries:
         try:
             samples.append(reader(cfg, line, needs_mask))
         except DataError as exc:
@@ -326,12 +334,37 @@ def build_dataset(cfg: DataConfig, split: str, transform: Transform) -> Segmenta
         line_numbers.append(number)
     if cfg.check_files:
         _check_files(samples, line_numbers, path)
-    return SegmentationDataset(
+    dataset = SegmentationDataset(
         samples,
         transform,
         num_classes=cfg.num_classes,
         ignore_index=cfg.ignore_index,
         label_lookup=LABEL_LOOKUPS.get(cfg.layout) if cfg.map_label_ids else None,
+        max_pixels=max_pixels,
+    )
+    if cfg.check_files:
+        _check_headers(dataset, line_numbers, path)
+        if needs_mask:
+            _check_some_labels(dataset, path)
+    return dataset
+
+
+def _check_duplicates(entries: list[tuple[int, str]], path: Path, split: str) -> None:
+    duplicates = duplicate_entries(entries)
+    if not duplicates:
+        return
+    listed = describe_duplicates(duplicates)
+    if split == "val":
+        raise DataError(
+            f"{path}: {len(duplicates)} entries are listed more than once ({listed}); each "
+            f"would count twice in the validation mIoU: delete the repeated lines"
+        )
+    log.warning(
+        "%s: %d entries are listed more than once (%s); each repeat doubles that image's "
+        "sampling weight: delete the repeated lines unless that is intended",
+        path,
+        len(duplicates),
+        listed,
     )
 
 
@@ -352,3 +385,37 @@ def _check_files(samples: list[Sample], line_numbers: list[int], split_file: Pat
             f"{total} files this split references are missing. Check data.root, data.layout "
             f"and data.image_dir / data.mask_dir, or remove the entries from the split file"
         )
+
+
+def _check_headers(dataset: SegmentationDataset, line_numbers: list[int], split_file: Path) -> None:
+    """Read every header (not the pixels): unreadable files, bombs and size mismatches."""
+    limit = dataset.max_pixels
+    for sample, number in zip(dataset.samples, line_numbers):
+        try:
+            size = image_size(sample.image, "image", limit)
+            if sample.mask is not None:
+                mask_size = image_size(sample.mask, "mask", limit)
+                if mask_size != size:
+                    raise DataError(
+                        f"{sample.mask}: mask is {mask_size[0]}x{mask_size[1]} but its image "
+                        f"{sample.image} is {size[0]}x{size[1]} (WxH); regenerate the mask or "
+                        f"fix the split entry so both belong to the same picture"
+                    )
+        except DataError as exc:
+            raise DataError(f"{exc} (from {split_file}, line {number})") from None
+
+
+def _check_some_labels(dataset: SegmentationDataset, split_file: Path) -> None:
+    """Refuse a labelled split whose masks hold nothing but the ignore index.
+
+    Masks are decoded until one has a labelled pixel, which is normally the first one.
+    """
+    for index in range(len(dataset)):
+        mask = dataset.load_mask(index)
+        if mask is not None and (mask != dataset.ignore_index).any():
+            return
+    raise DataError(
+        f"{split_file}: every mask of its {len(dataset)} entries holds only the ignore index "
+        f"{dataset.ignore_index}, so training would learn nothing (loss 0); check "
+        f"data.mask_dir (are these the right masks?) and data.ignore_index"
+    )

@@ -5,14 +5,44 @@ Real files often lack a trailing newline; blank lines and surrounding whitespace
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
+# What torch's ExceptionWrapper hands the exception class when it re-raises a DataLoader
+# worker's (or pin-memory thread's) exception in the main process.
+_WRAPPED = re.compile(r"\ACaught \w+ (?P<where>.+?)\.\nOriginal Traceback", re.DOTALL)
+# Where the worker's own message starts: the last "...DataError: " line of that traceback.
+_WRAPPED_MESSAGE = re.compile(r"^(?:[\w.]+\.)?DataError: ", re.MULTILINE)
+
 
 class DataError(ValueError):
-    """A dataset file or setting is unusable; the message names the file and the fix."""
+    """A dataset file or setting is unusable; the message names the file and the fix.
+
+    Raised in a DataLoader worker, it reaches the main process with its one-line message;
+    ``where`` then says which worker and ``worker_traceback`` holds the worker's traceback.
+    """
+
+    def __init__(self, *args: object) -> None:
+        self.where = ""
+        self.worker_traceback = ""
+        if len(args) == 1 and isinstance(args[0], str):
+            # torch re-raises a worker's exception as ExceptionClass("Caught ... Original
+            # Traceback ..."); keep the user's message and set the traceback aside.
+            wrapped = _WRAPPED.match(args[0])
+            if wrapped:
+                tail = args[0][wrapped.end() :]
+                starts = list(_WRAPPED_MESSAGE.finditer(tail))
+                if starts:
+                    self.where = wrapped.group("where")
+                    self.worker_traceback = args[0]
+                    args = (tail[starts[-1].end() :].rstrip(),)
+        super().__init__(*args)
 
 
 def read_split_lines(path: str | Path, config_key: str = "") -> list[tuple[int, str]]:
@@ -46,18 +76,70 @@ def read_split(path: str | Path, config_key: str = "") -> list[str]:
     return [line for _, line in read_split_lines(path, config_key)]
 
 
-def write_split(path: str | Path, names: Sequence[str]) -> None:
-    """Write a split file, one entry per line with a trailing newline; creates parent dirs."""
+def duplicate_entries(entries: Sequence[tuple[int, str]]) -> dict[str, list[int]]:
+    """Entries listed more than once, each with all its line numbers, in file order."""
+    lines: dict[str, list[int]] = {}
+    for number, entry in entries:
+        lines.setdefault(entry, []).append(number)
+    return {entry: numbers for entry, numbers in lines.items() if len(numbers) > 1}
+
+
+def describe_duplicates(duplicates: dict[str, list[int]], shown: int = 5) -> str:
+    """ "'a' on lines 2, 7; 'b' on lines 3, 4 (and N more)" for an error or warning message."""
+    parts = [
+        f"{entry!r} on lines {', '.join(map(str, numbers))}"
+        for entry, numbers in list(duplicates.items())[:shown]
+    ]
+    more = len(duplicates) - shown
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def write_split(path: str | Path, names: Sequence[str], overwrite: bool = False) -> None:
+    """Write a split file, one entry per line with a trailing newline; creates parent dirs.
+
+    An existing file is replaced only with ``overwrite=True`` (the CLI's ``--force``).
+    """
     path = Path(path)
     for name in names:
         if not name.strip() or "\n" in name or "\r" in name:
             raise DataError(f"{path}: split entry {name!r} is blank or spans lines; fix the name")
+    if not overwrite:
+        refuse_existing([path])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"{name}\n" for name in names))
 
 
+def refuse_existing(paths: Sequence[str | Path]) -> None:
+    """DataError naming the first of ``paths`` that exists, suggesting --force."""
+    existing = [Path(p) for p in paths if Path(p).exists()]
+    if existing:
+        others = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise DataError(
+            f"{existing[0]}: already exists{others}; pass --force (overwrite=True) to replace "
+            f"it, or write to another --out folder"
+        )
+
+
+def unique_names(names: Sequence[str], source: str | Path = "the name list") -> list[str]:
+    """``names`` with repeats dropped (first occurrence kept); a warning lists the repeats."""
+    duplicates = duplicate_entries([(i, name) for i, name in enumerate(names, start=1)])
+    if not duplicates:
+        return list(names)
+    log.warning(
+        "%s: %d names are listed more than once and are used once each: %s",
+        source,
+        len(duplicates),
+        describe_duplicates(duplicates),
+    )
+    return list(dict.fromkeys(names))
+
+
 def make_split(names: Sequence[str], num_labeled: int, seed: int) -> tuple[list[str], list[str]]:
-    """Draw num_labeled names at random (fixed by seed); both lists keep the input order."""
+    """Draw num_labeled names at random (fixed by seed); both lists keep the input order.
+
+    A name listed twice is used once (with a warning), so it never lands in both lists.
+    """
+    names = unique_names(names)
     if not 1 <= num_labeled <= len(names):
         raise DataError(
             f"num_labeled={num_labeled} must lie in [1, {len(names)}] (the number of names)"
@@ -67,3 +149,43 @@ def make_split(names: Sequence[str], num_labeled: int, seed: int) -> tuple[list[
     labeled = [name for name, keep in zip(names, chosen) if keep]
     unlabeled = [name for name, keep in zip(names, chosen) if not keep]
     return labeled, unlabeled
+
+
+def split_list(
+    list_file: str | Path,
+    out_dir: str | Path,
+    num_labeled: int,
+    seed: int = 0,
+    force: bool = False,
+) -> tuple[Path, Path]:
+    """``protoseg data split``: draw a labelled/unlabelled split of a name list and write it.
+
+    Names listed twice are used once, with a warning giving their line numbers. Writes
+    ``out_dir/labeled.txt`` and ``out_dir/unlabeled.txt``; existing files are replaced only
+    with ``force``, and neither is written when either would be refused.
+    """
+    list_file = Path(list_file)
+    entries = read_split_lines(list_file, "--list")
+    duplicates = duplicate_entries(entries)
+    if duplicates:
+        log.warning(
+            "%s: %d names are listed more than once and are used once each: %s",
+            list_file,
+            len(duplicates),
+            describe_duplicates(duplicates),
+        )
+    names = list(dict.fromkeys(entry for _, entry in entries))
+    if not 1 <= num_labeled <= len(names):
+        raise DataError(
+            f"--num-labeled {num_labeled} must lie in [1, {len(names)}], the number of distinct "
+            f"names in {list_file}"
+        )
+    labeled, unlabeled = make_split(names, num_labeled, seed)
+    out_dir = Path(out_dir)
+    targets = (out_dir / "labeled.txt", out_dir / "unlabeled.txt")
+    if not force:
+        refuse_existing(targets)
+    # An empty unlabelled list is a valid split (every name labelled) but not a valid file.
+    write_split(targets[0], labeled, overwrite=True)
+    write_split(targets[1], unlabeled or labeled, overwrite=True)
+    return targets

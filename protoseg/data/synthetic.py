@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from protoseg.data.palette import save_mask_png
-from protoseg.data.splits import DataError, make_split, write_split
+from protoseg.data.splits import DataError, make_split, refuse_existing, write_split
 
 SYNTHETIC_CLASSES: list[str] = ["background", "disc", "bar", "ring", "cross", "triangle"]
 
@@ -302,8 +302,13 @@ def generate_synthetic(
     label_counts: Sequence[int] = DEFAULT_LABEL_COUNTS,
     seed: int = 0,
     workers: int = 1,
+    overwrite: bool = False,
 ) -> Path:
-    """Write the synthetic dataset in the VOC layout under ``out`` and return that folder."""
+    """Write the synthetic dataset in the VOC layout under ``out`` and return that folder.
+
+    Split files, ``classes.txt`` and the stamp already in ``out`` are replaced only with
+    ``overwrite`` (the CLI's ``--force``); the check runs before any image is drawn.
+    """
     if num_train < 1 or num_val < 1:
         raise DataError(f"num_train={num_train} and num_val={num_val} must both be >= 1")
     if image_size < 2 * _SIZE_JITTER:
@@ -312,6 +317,12 @@ def generate_synthetic(
         if not 1 <= count <= num_train:
             raise DataError(f"label count {count} must lie in [1, num_train={num_train}]")
     out = Path(out)
+    split_files = [out / "splits" / "val.txt"]
+    for folder in [*map(str, label_counts), "full"]:
+        split_files += [out / "splits" / folder / "labeled.txt"]
+        split_files += [out / "splits" / folder / "unlabeled.txt"]
+    if not overwrite:
+        refuse_existing([*split_files, out / "classes.txt", out / STAMP_FILE])
     (out / "JPEGImages").mkdir(parents=True, exist_ok=True)
     (out / "SegmentationClass").mkdir(parents=True, exist_ok=True)
     jobs = [(out, seed, "train", i, image_size) for i in range(num_train)]
@@ -323,15 +334,16 @@ def generate_synthetic(
         for job in jobs:
             _write_one(job)
     train = [f"train_{i:05d}" for i in range(num_train)]
-    write_split(out / "splits" / "val.txt", [f"val_{i:05d}" for i in range(num_val)])
+    # Existing files were refused above unless overwrite was asked for.
+    write_split(out / "splits" / "val.txt", [f"val_{i:05d}" for i in range(num_val)], True)
     for count in label_counts:
         labeled, unlabeled = make_split(train, count, seed)
-        write_split(out / "splits" / str(count) / "labeled.txt", labeled)
+        write_split(out / "splits" / str(count) / "labeled.txt", labeled, True)
         # With every image labelled, the unlabelled list repeats them, as splits/full does.
-        write_split(out / "splits" / str(count) / "unlabeled.txt", unlabeled or train)
-    write_split(out / "splits" / "full" / "labeled.txt", train)
-    write_split(out / "splits" / "full" / "unlabeled.txt", train)
-    write_split(out / "classes.txt", SYNTHETIC_CLASSES)
+        write_split(out / "splits" / str(count) / "unlabeled.txt", unlabeled or train, True)
+    write_split(out / "splits" / "full" / "labeled.txt", train, True)
+    write_split(out / "splits" / "full" / "unlabeled.txt", train, True)
+    write_split(out / "classes.txt", SYNTHETIC_CLASSES, True)
     (out / STAMP_FILE).write_text(
         json.dumps(synthetic_stamp(num_train, num_val, image_size, label_counts, seed), indent=2)
     )
