@@ -66,10 +66,10 @@ def test_16_bit_png_reads_the_same_for_training_and_prediction(tmp_path: Path) -
     np.testing.assert_array_equal(trained_on, expected)
     np.testing.assert_array_equal(np.asarray(read_rgb(path)), expected)
     np.testing.assert_array_equal(np.asarray(to_rgb(Image.open(path))), expected)
-    # predict's reader is this one (re-exported), whichever module it is imported from.
-    from protoseg.analysis import predict
+    # `protoseg predict` reads files through the same reader.
+    from protoseg.analysis.infer import read_image
 
-    np.testing.assert_array_equal(np.asarray(predict.to_rgb(Image.open(path))), expected)
+    np.testing.assert_array_equal(np.asarray(read_image(path)), expected)
 
 
 def test_to_rgb_modes() -> None:

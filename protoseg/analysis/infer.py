@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from protoseg.config import EvalConfig
-from protoseg.data import colorize, save_mask_png
-from protoseg.inference import Predictor, to_rgb
+from protoseg.data import colorize, image_size, read_rgb, save_mask_png, to_rgb
+from protoseg.inference import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +83,9 @@ def _output_names(images: list[tuple[Path, Path]]) -> list[Path]:
 
 
 def read_image(path: str | Path) -> Image.Image:
-    """Decode an image file fully into 8-bit RGB; ValueError names the file if that fails."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return to_rgb(image)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ValueError(f"{path}: cannot read image ({exc})") from None
+    """Decode an image file fully into 8-bit RGB (the training reader, with its pixel limit);
+    ValueError (a DataError) names the file if that fails."""
+    return read_rgb(path)
 
 
 def overlay(
@@ -112,9 +108,8 @@ def _size_groups(
     groups: dict[tuple[int, int], list[tuple[Path, Path]]] = defaultdict(list)
     for (path, _), name in zip(images, names):
         try:
-            with Image.open(path) as image:
-                size = image.size
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            size = image_size(path)
+        except ValueError as exc:
             log.warning("skipping %s: cannot read image (%s)", path, exc)
             summary.failed.append((path, str(exc)))
             continue

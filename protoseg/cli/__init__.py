@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 log = logging.getLogger("protoseg")
 
@@ -42,6 +41,7 @@ def cmd_data_synthetic(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         label_counts=counts,
         seed=args.seed,
+        overwrite=args.force,
     )
     print(f"synthetic dataset written to {root} (splits: {', '.join(map(str, counts))}, full)")
     return 0
@@ -49,14 +49,50 @@ def cmd_data_synthetic(args: argparse.Namespace) -> int:
 
 def cmd_data_split(args: argparse.Namespace) -> int:
     """Random labelled/unlabelled split of a list of names."""
-    from protoseg.data import make_split, read_split, write_split
+    from protoseg.data import read_split, split_list
 
-    names = read_split(args.list)
-    labeled, unlabeled = make_split(names, args.num_labeled, args.seed)
-    out = Path(args.out)
-    write_split(out / "labeled.txt", labeled)
-    write_split(out / "unlabeled.txt", unlabeled)
-    print(f"{len(labeled)} labelled and {len(unlabeled)} unlabelled names written to {out}")
+    labeled, unlabeled = split_list(
+        args.list, args.out, args.num_labeled, args.seed, force=args.force
+    )
+    print(
+        f"{len(read_split(labeled))} labelled and {len(read_split(unlabeled))} unlabelled "
+        f"names written to {args.out}"
+    )
+    return 0
+
+
+def cmd_data_voc(args: argparse.Namespace) -> int:
+    """Build VOC 2012 + SBD's SegmentationClassAug and install the U2PL split lists."""
+    from protoseg.data import prepare_voc
+
+    s = prepare_voc(
+        args.voc,
+        args.sbd,
+        args.out,
+        splits_dir=args.splits,
+        force=args.force,
+        copy_images=args.copy_images,
+        workers=args.workers,
+    )
+    print(
+        f"{s.train_aug} train_aug + {s.val} val masks ({s.from_voc} from VOC, {s.from_sbd} "
+        f"from SBD) in {s.out_dir / 'SegmentationClassAug'}; JPEGImages: {s.images}; "
+        f"{len(s.split_files)} split files installed"
+    )
+    return 0
+
+
+def cmd_data_cityscapes(args: argparse.Namespace) -> int:
+    """Write *_gtFine_labelTrainIds.png next to the labelIds files; install split lists."""
+    from protoseg.data import prepare_cityscapes
+
+    s = prepare_cityscapes(
+        args.root, force=args.force, workers=args.workers, splits_dir=args.splits
+    )
+    print(
+        f"labelTrainIds written: {s.written}, kept: {s.kept}; "
+        f"{len(s.split_files)} split files installed"
+    )
     return 0
 
 
@@ -175,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-train", type=int, default=None, help="train images (default 256)")
     p.add_argument("--num-val", type=int, default=96)
     p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--force", action="store_true", help="replace existing split files")
     p.add_argument(
         "--labels",
         default=None,
@@ -190,6 +227,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-labeled", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for labeled.txt and unlabeled.txt")
+    p.add_argument("--force", action="store_true", help="replace existing split files")
+    p = _add(
+        data_sub,
+        "voc",
+        cmd_data_voc,
+        "Build VOC 2012 + SBD's SegmentationClassAug and install U2PL split lists.",
+    )
+    p.add_argument("--voc", required=True, help="VOCdevkit/VOC2012 (VOCtrainval_11-May-2012.tar)")
+    p.add_argument("--sbd", required=True, help="benchmark_RELEASE (SBD's benchmark.tgz)")
+    p.add_argument("--out", required=True, help="dataset root to write (data.root)")
+    p.add_argument(
+        "--splits", default=None, help="U2PL's data/splits folder; pascal/ goes to OUT/splits"
+    )
+    p.add_argument("--copy-images", action="store_true", help="copy images, do not symlink")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--force", action="store_true", help="rebuild masks, replace split files")
+    p = _add(
+        data_sub,
+        "cityscapes",
+        cmd_data_cityscapes,
+        "Write *_gtFine_labelTrainIds.png and install U2PL split lists.",
+    )
+    p.add_argument("--root", required=True, help="folder with gtFine/ and leftImg8bit/")
+    p.add_argument(
+        "--splits", default=None, help="U2PL's data/splits folder; cityscapes/ goes to ROOT/splits"
+    )
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--force", action="store_true", help="rewrite existing labelTrainIds files")
 
     p = _add(sub, "train", cmd_train, "Train a model from a YAML config (torchrun for many GPUs).")
     p.add_argument("config", help="YAML config file")

@@ -9,7 +9,7 @@ from protoseg.inference.metrics import (
     save_result,
 )
 from protoseg.inference.model_file import ModelFile, model_payload, read_model_file
-from protoseg.inference.predictor import Predictor, load, to_rgb
+from protoseg.inference.predictor import Predictor, load
 
 __all__ = [
     "ConfusionMatrix",
@@ -23,5 +23,4 @@ __all__ = [
     "model_payload",
     "read_model_file",
     "save_result",
-    "to_rgb",
 ]

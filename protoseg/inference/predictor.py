@@ -14,33 +14,16 @@ from torch import Tensor, nn
 
 from protoseg.components.prototype_branch import PROTOTYPE_HEAD, build_prototype_head
 from protoseg.config import Config, EvalConfig
+from protoseg.data import to_rgb
 from protoseg.files import CheckpointError, load_state_strict
 from protoseg.inference.core import infer_logits
 from protoseg.inference.model_file import read_model_file
 from protoseg.models import create_model
 
-_WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-
 # Head kind (as a model file's ``heads`` entry names it) -> builder around the network.
 HEAD_BUILDERS: dict[str, Callable[[nn.Module, dict[str, Any]], nn.Module]] = {
     PROTOTYPE_HEAD: build_prototype_head,
 }
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit RGB: 16-bit/float greyscale rescaled, alpha dropped."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in _WIDE_GREY_MODES:
-        # PIL's own conversion clips 16-bit values at 255, turning most pixels white.
-        grey = np.asarray(image, dtype=np.float64)
-        peak = 255.0 if grey.max(initial=0.0) <= 255.0 else 65535.0
-        grey = np.clip(grey / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        # Going through RGBA avoids PIL's warning about byte-coded palette transparency.
-        image = image.convert("RGBA")
-    return image.convert("RGB")
 
 
 @dataclass
