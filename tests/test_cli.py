@@ -157,19 +157,25 @@ def test_demo_regenerates_a_stale_dataset_and_keeps_foreign_folders(tmp_path):
     root = ensure_dataset(tmp_path / "data")
     stamp = json.loads((root / STAMP_FILE).read_text())
     assert (root / "splits" / str(stamp["label_counts"][0]) / "labeled.txt").is_file()
-    marker = root / "left_by_an_old_version.txt"
+    first_image = sorted((root / "JPEGImages").iterdir())[0]
+    marker = root / "notes_of_the_user.txt"
     marker.write_text("x")
     ensure_dataset(root)
     assert marker.is_file()  # the current version is reused as it is
     (root / STAMP_FILE).write_text(json.dumps({**stamp, "version": -1}))
+    first_image.write_bytes(b"stale")
     ensure_dataset(root)
-    assert not marker.exists() and json.loads((root / STAMP_FILE).read_text()) == stamp
-    foreign = tmp_path / "mine"
-    foreign.mkdir()
-    (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(DataError, match="not a synthetic dataset written by protoseg"):
-        ensure_dataset(foreign)
-    assert (foreign / "notes.txt").read_text() == "keep me"
+    assert json.loads((root / STAMP_FILE).read_text()) == stamp
+    assert first_image.read_bytes() != b"stale"  # regenerated
+    assert marker.read_text() == "x"  # what the generator did not write stays
+    for foreign_files in (["notes.txt"], ["notes.txt", "classes.txt"]):
+        foreign = tmp_path / f"mine{len(foreign_files)}"
+        foreign.mkdir()
+        for name in foreign_files:
+            (foreign / name).write_text("keep me")
+        with pytest.raises(DataError, match="no protoseg synthetic stamp"):
+            ensure_dataset(foreign)
+        assert all((foreign / n).read_text() == "keep me" for n in foreign_files)
 
 
 def test_synthetic_help_states_the_generator_defaults(capsys):

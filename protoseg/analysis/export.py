@@ -10,7 +10,9 @@ needs the ``onnxscript`` package, which is not a dependency.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -122,6 +124,11 @@ def export_onnx(
     predictor: Predictor, path: str | Path, opset: int = 17, verify: bool = True
 ) -> Path:
     """Export to ONNX with dynamic batch/height/width; check with onnxruntime when installed."""
+    if importlib.util.find_spec("onnx") is None:
+        raise ValueError(
+            "ONNX export needs the onnx package: pip install 'protoseg[export]' "
+            "(or --format torchscript, which needs nothing more)"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = _deployable(predictor)
@@ -160,6 +167,25 @@ def _verify_onnx(module: nn.Module, path: Path) -> None:
     (got,) = session.run(["logits"], {"images": check.numpy()})
     with torch.no_grad():
         _check_close("ONNX", torch.from_numpy(got), module(check), path)
+
+
+def check_export_target(checkpoint: str | Path, out: str | Path, force: bool = False) -> None:
+    """Refuse an export that would replace its own model file, or (unless ``force``) a file
+    that exists, and an output folder that cannot be written."""
+    out, checkpoint = Path(out), Path(checkpoint)
+    if out.exists() and checkpoint.exists() and out.resolve() == checkpoint.resolve():
+        raise ValueError(
+            f"--out {out} is the model file being exported; choose another file name "
+            "(the trained model is never replaced)"
+        )
+    existing = [p for p in (out, sidecar_path(out)) if p.exists()]
+    if existing and not force:
+        raise ValueError(f"{existing[0]} already exists; pass --force to replace it")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise ValueError(f"--out {out}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {out}: the folder {folder} is not writable")
 
 
 def export_model(predictor: Predictor, fmt: str, path: str | Path, opset: int = 17) -> Path:

@@ -66,6 +66,42 @@ def find_images(inputs: Sequence[str | Path], recursive: bool = False) -> list[t
     return found
 
 
+def check_outputs(
+    inputs: Sequence[str | Path],
+    images: list[tuple[Path, Path]],
+    names: list[Path],
+    out: Path,
+    recursive: bool,
+    overlays: bool,
+    overwrite: bool,
+) -> None:
+    """Refuse a prediction that would overwrite its inputs or, unless asked, earlier results."""
+    out_abs = out.resolve()
+    if recursive:
+        for folder in (Path(p).resolve() for p in inputs if Path(p).is_dir()):
+            if out_abs == folder or folder in out_abs.parents:
+                raise ValueError(
+                    f"--out {out} is inside the input folder {folder} searched with --recursive: "
+                    "the masks would be read back as inputs; choose an --out outside it"
+                )
+    planned = [out / f"{name}.png" for name in names]
+    if overlays:
+        planned += [out / "overlay" / f"{name}.jpg" for name in names]
+    sources = {path.resolve() for path, _ in images}
+    clash = [p for p in planned if p.resolve() in sources]
+    if clash:
+        raise ValueError(
+            f"--out {out} would overwrite the input image {clash[0]}; choose another --out "
+            "folder (input files are never replaced)"
+        )
+    existing = [p for p in planned if p.exists()]
+    if existing and not overwrite:
+        raise ValueError(
+            f"{len(existing)} output file(s) already exist in {out} (e.g. {existing[0]}); "
+            "pass --overwrite to replace them, or choose another --out folder"
+        )
+
+
 def _output_names(images: list[tuple[Path, Path]]) -> list[Path]:
     """Output path stems (relative, no suffix); two inputs that would share one are an error."""
     owners: dict[Path, Path] = {}
@@ -128,13 +164,19 @@ def predict_paths(
     recursive: bool = False,
     overlays: bool = True,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> PredictSummary:
-    """Write ``<out>/<name>.png`` masks (and ``<out>/overlay/<name>.jpg``) for every input image."""
+    """Write ``<out>/<name>.png`` masks (and ``<out>/overlay/<name>.jpg``) for every input image.
+
+    Nothing is written when an output would replace an input image or, unless
+    ``overwrite``, an existing file (see ``check_outputs``).
+    """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     images = find_images(inputs, recursive)
     names = _output_names(images)
     out = Path(out_dir)
+    check_outputs(inputs, images, names, out, recursive, overlays, overwrite)
     summary = PredictSummary()
     # Headers are read up front, so the bar counts only the images that will be predicted.
     batches = list(_size_groups(images, names, batch_size, summary))

@@ -43,6 +43,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.batch_size,
         args.recursive,
         overlays=not args.no_overlay,
+        overwrite=args.overwrite,
     )
     print(
         f"{len(summary.masks)} masks written to {args.out}"
@@ -55,9 +56,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export the deployed network to ONNX or TorchScript."""
-    from protoseg.analysis.export import export_model, sidecar_path
+    from protoseg.analysis.export import check_export_target, export_model, sidecar_path
     from protoseg.inference import load
 
+    check_export_target(args.checkpoint, args.out, args.force)
     predictor = load(args.checkpoint, device="cpu", head="linear")
     path = export_model(predictor, args.format, args.out, args.opset)
     print(f"{args.format} model written to {path} (metadata: {sidecar_path(path)})")
@@ -231,6 +233,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--recursive", action="store_true", help="search folders recursively")
     p.add_argument("--no-overlay", action="store_true", help="write masks only")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace masks/overlays that already exist"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
     p = _add(
@@ -244,6 +249,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
     p.add_argument("--out", required=True, help="output file, e.g. model.onnx")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
 
     analyze = sub.add_parser(
         "analyze",

@@ -138,6 +138,19 @@ def train_run(cfg: Config, spec: RunSpec) -> RunOutcome:
     )
 
 
+# What generate_synthetic writes into its folder (and the demo may replace).
+SYNTHETIC_OUTPUTS = ("JPEGImages", "SegmentationClass", "splits", "classes.txt", STAMP_FILE)
+
+
+def _written_by_generator(stamp: Path) -> bool:
+    """Whether ``stamp`` is a readable synthetic.json of some generator version."""
+    try:
+        data = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"version", "num_train", "seed"} <= data.keys()
+
+
 def ensure_dataset(data_root: Path, seed: int = 0) -> Path:
     """Generate the synthetic set unless ``data_root`` already holds this version of it."""
     stamp = data_root / STAMP_FILE
@@ -145,14 +158,20 @@ def ensure_dataset(data_root: Path, seed: int = 0) -> Path:
     if stamp.is_file() and json.loads(stamp.read_text()) == expected:
         return data_root
     if data_root.exists() and any(data_root.iterdir()):
-        if not (stamp.is_file() or (data_root / "classes.txt").is_file()):
+        if not _written_by_generator(stamp):
             raise DataError(
-                f"{data_root} exists and is not a synthetic dataset written by protoseg; "
-                "choose another --out folder"
+                f"{data_root} exists and holds no protoseg synthetic stamp ({STAMP_FILE}); "
+                "it is left untouched: choose another --out folder, or delete it yourself"
             )
         # Left by another protoseg version: its images and splits may differ from this one's.
+        # Only what the generator writes goes; anything else in the folder stays.
         log.info("replacing the synthetic dataset in %s (another generator version)", data_root)
-        shutil.rmtree(data_root)
+        for name in SYNTHETIC_OUTPUTS:
+            target = data_root / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
     log.info("generating the synthetic dataset in %s", data_root)
     generate_synthetic(data_root, seed=seed)
     return data_root
