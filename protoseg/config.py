@@ -147,7 +147,8 @@ class TrainConfig:
     precision: str = "fp32"
     compile: bool = False
     channels_last: bool = True
-    out_dir: str = "runs/default"
+    # "" = runs/<config path without .yaml> (runs/default without a config file).
+    out_dir: str = ""
     checkpoint_every: int = 1000
     keep_last: int = 2
     eval_every: int = 0
@@ -364,7 +365,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(
             f"{source}: missing value for {key!r}: set it in the YAML or as {key}=..."
         ) from None
+    if not cfg.train.out_dir:
+        cfg.train.out_dir = default_run_dir(path)
     return validate(cfg)
+
+
+def default_run_dir(config: str | Path | None) -> str:
+    """``runs/<config path without .yaml>``: shipped recipes by their name (synthetic/pcr),
+    other files by their path, so two recipes never share a run folder by default."""
+    if config is None:
+        return "runs/default"
+    path = Path(config)
+    shipped = shipped_config_dir().resolve()
+    resolved = path.resolve()
+    if shipped in resolved.parents:
+        rel = resolved.relative_to(shipped)
+    elif path.is_absolute():
+        rel = Path(path.name)
+    else:
+        rel = Path(*[part for part in path.parts if part not in ("..", ".")])
+    return str(Path("runs") / rel.with_suffix(""))
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -372,7 +392,9 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(data: dict[str, Any], with_method: bool = True) -> Config:
+def from_dict(
+    data: dict[str, Any], with_method: bool = True, overrides: list[str] | None = None
+) -> Config:
     """Rebuild a Config from ``to_dict`` output (as stored in a checkpoint or model file).
 
     ``with_method=False`` keeps only the method's name (inference needs no training
@@ -386,12 +408,19 @@ def from_dict(data: dict[str, Any], with_method: bool = True) -> Config:
         data["method"] = {"name": name}
         schema = OmegaConf.structured(Config(method=MethodConfig()))
     merged = _merge(schema, data, source="checkpoint config")
+    if overrides:
+        merged = _merge(merged, _parse_overrides(overrides), source="command-line override")
     return validate(OmegaConf.to_object(merged))  # type: ignore[arg-type]
+
+
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(config_yaml(cfg))
 
 
 # What makes a checkpoint a different experiment. Everything else (paths, device, workers,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+from helpers import tiny_overrides
 
 from protoseg.cli import build_parser, main
 from protoseg.config import ConfigError, load_config, shipped_config_dir
@@ -186,3 +188,53 @@ def test_synthetic_help_states_the_generator_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert f"(default {DEFAULT_NUM_TRAIN})" in text
     assert f"(default {','.join(map(str, DEFAULT_LABEL_COUNTS))})" in text
+
+
+def test_unattended_run_logs_plain_lines_to_train_log(synthetic_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = tiny_overrides(synthetic_root, run, "train.iterations=4", "train.log_every=2")
+    assert main(["train", "synthetic/supervised.yaml", *args]) == 0
+    out = capsys.readouterr().out
+    assert out.count("final mIoU") == 1 and "pixel accuracy" not in out  # the table once
+    log = (run / "train.log").read_text()
+    assert "step 2/4 loss=" in log and "step 4/4 loss=" in log and "eta=" in log
+    assert "final (linear head) at step 4" in log and "\r" not in log
+
+
+def test_default_run_folder_follows_the_config(tmp_path):
+    assert load_config("synthetic/pcr.yaml", ["data.root=x"]).train.out_dir == str(
+        Path("runs/synthetic/pcr")
+    )
+    assert load_config("synthetic/supervised.yaml", ["data.root=x"]).train.out_dir == str(
+        Path("runs/synthetic/supervised")
+    )
+
+
+def test_a_run_shorter_than_the_warmup_is_flagged(synthetic_root, tmp_path, caplog):
+    from protoseg.engine.trainer import Trainer
+
+    args = tiny_overrides(synthetic_root, tmp_path / "w", "train.iterations=1", method="pcr")
+    cfg = load_config("synthetic/pcr.yaml", [*args, "method.warmup_epochs=3"])
+    Trainer(cfg).fit()
+    assert "supervised only" in caplog.text
+
+
+def test_eval_takes_the_model_files_own_config(synthetic_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = tiny_overrides(synthetic_root, run, "train.iterations=1")
+    assert main(["train", "synthetic/supervised.yaml", *args]) == 0
+    capsys.readouterr()
+    target = tmp_path / "e.json"
+    argv = ["eval", f"data.root={synthetic_root}", "--checkpoint", str(run / "model.pt")]
+    assert main([*argv, "--out", str(target)]) == 0
+    assert json.loads(target.read_text())["num_images"] == 12
+
+
+def test_print_config_and_help_texts(capsys):
+    assert main(["train", "synthetic/pcr.yaml", "data.root=x", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "name: pcr" in printed and "per_class: 3" in printed
+    for command, takes_overrides in [("train", True), ("predict", False), ("export", False)]:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        assert ("Overrides are dotted keys" in capsys.readouterr().out) == takes_overrides

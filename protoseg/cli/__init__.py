@@ -6,11 +6,12 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from pathlib import Path
+
+from protoseg.cli.common import add_command
 
 log = logging.getLogger("protoseg")
-
-EPILOG = "Overrides are dotted keys of the config, e.g. train.iterations=200 method.name=pcr."
 
 
 def _setup_logging(rank: int = 0) -> None:
@@ -99,27 +100,32 @@ def cmd_data_cityscapes(args: argparse.Namespace) -> int:
 # ---- train / eval ----------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
     """Train from a YAML config with dotted overrides."""
-    from protoseg.config import load_config
+    from protoseg.config import config_yaml, load_config
     from protoseg.distributed import cleanup
     from protoseg.engine.trainer import Trainer
-    from protoseg.inference import format_table
 
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"train.resume={args.resume}")
     cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
     try:
         trainer = Trainer(cfg)
         result = trainer.fit()
     finally:
         cleanup()
     if _rank() == 0:
-        for head, res in result.final.items():
-            print(f"\nfinal ({head} head, step {result.steps}):")
-            print(format_table(res, cfg.data.class_names))
+        # The per-class tables are in the log (and train.log); stdout gets one summary.
+        finals = ", ".join(f"{head} head {res.miou:.2f}" for head, res in result.final.items())
+        print(f"final mIoU at step {result.steps}: {finals}")
         if result.best is not None:
             print(f"best mIoU {result.best.miou:.2f} at step {result.best_step}")
-        print(f"outputs in {result.out_dir} (model.pt, best.pt, checkpoints/, tensorboard/)")
+        print(
+            f"outputs in {result.out_dir} (model.pt, best.pt, train.log, checkpoints/, "
+            "tensorboard/)"
+        )
     return 0
 
 
@@ -128,9 +134,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from protoseg.config import load_config
     from protoseg.data import build_dataset, build_eval_loader, eval_transform
     from protoseg.distributed import cleanup, init_distributed
+    from protoseg.engine.runtime import show_progress
     from protoseg.inference import evaluate, format_table, load, save_result
 
-    cfg = load_config(args.config, list(args.overrides))
+    overrides = list(args.overrides)
+    config = args.config
+    if config is not None and "=" in config and not Path(config).is_file():
+        # "eval data.root=... --checkpoint m.pt": no config was given, only overrides.
+        overrides.insert(0, config)
+        config = None
+    if config is None:
+        from protoseg.config import from_dict, to_dict
+        from protoseg.inference import read_model_file
+
+        stored = to_dict(read_model_file(args.checkpoint).config)
+        cfg = from_dict(stored, with_method=False, overrides=overrides)
+    else:
+        cfg = load_config(config, overrides)
     dist_info, device = init_distributed(cfg.train.device)
     try:
         predictor = load(args.checkpoint, device=device, head=args.head)
@@ -145,7 +165,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             cfg.eval,
             device,
             cfg.data.ignore_index,
-            progress=dist_info.is_main,
+            progress=show_progress(True) and dist_info.is_main,
         )
     finally:
         cleanup()
@@ -178,17 +198,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---- parser ----------------------------------------------------------------------------------
-def _add(
-    sub,
-    name: str,
-    func: Callable[[argparse.Namespace], int],
-    help_text: str,
-) -> argparse.ArgumentParser:
-    parser = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
-    parser.set_defaults(func=func)
-    return parser
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (every sub-command has --help)."""
     parser = argparse.ArgumentParser(
@@ -199,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="dataset tools", description="Dataset tools.")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    p = _add(
+    p = add_command(
         data_sub,
         "synthetic",
         cmd_data_synthetic,
@@ -217,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated labelled-set sizes to write splits for (default 16,64)",
     )
-    p = _add(
+    p = add_command(
         data_sub,
         "split",
         cmd_data_split,
@@ -228,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for labeled.txt and unlabeled.txt")
     p.add_argument("--force", action="store_true", help="replace existing split files")
-    p = _add(
+    p = add_command(
         data_sub,
         "voc",
         cmd_data_voc,
@@ -243,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--copy-images", action="store_true", help="copy images, do not symlink")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--force", action="store_true", help="rebuild masks, replace split files")
-    p = _add(
+    p = add_command(
         data_sub,
         "cityscapes",
         cmd_data_cityscapes,
@@ -256,17 +265,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--force", action="store_true", help="rewrite existing labelTrainIds files")
 
-    p = _add(sub, "train", cmd_train, "Train a model from a YAML config (torchrun for many GPUs).")
-    p.add_argument("config", help="YAML config file")
+    p = add_command(
+        sub,
+        "train",
+        cmd_train,
+        "Train a model from a YAML config (torchrun for many GPUs).",
+        overrides=True,
+    )
+    p.add_argument(
+        "config",
+        help="YAML config file, or a shipped recipe by name (e.g. synthetic/pcr.yaml, "
+        "voc/classic/92/pcr.yaml; see configs/)",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides key.sub=value")
     p.add_argument(
         "--resume",
         default=None,
         help="checkpoint to resume from ('auto' = newest in the run folder)",
     )
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved config (YAML) and exit"
+    )
 
-    p = _add(sub, "eval", cmd_eval, "Evaluate a checkpoint on a config's validation split.")
-    p.add_argument("config", help="YAML config file (data and eval settings)")
+    p = add_command(
+        sub,
+        "eval",
+        cmd_eval,
+        "Evaluate a model file on the validation split (of its own config, or of CONFIG).",
+        overrides=True,
+    )
+    p.add_argument(
+        "config",
+        nargs="?",
+        default=None,
+        help="YAML config (data and eval settings); omitted: the model file's own config, "
+        "with overrides such as data.root=...",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides key.sub=value")
     p.add_argument("--checkpoint", required=True, help="model.pt, best.pt or a step_*.pt file")
     p.add_argument(
@@ -276,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=None, help="write the results as JSON here")
 
-    p = _add(
+    p = add_command(
         sub,
         "demo",
         cmd_demo,

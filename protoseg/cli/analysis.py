@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable
 
+from protoseg.cli.common import add_command
 from protoseg.config import EvalConfig
-
-OVERRIDES_EPILOG = "Overrides are dotted keys of the config, e.g. data.root=/data/voc."
 
 
 def _eval_config(args: argparse.Namespace, base: EvalConfig) -> EvalConfig:
@@ -160,18 +158,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if all(r.status == "done" for r in rows) else 1
 
 
-def _add(
-    sub: argparse._SubParsersAction,
-    name: str,
-    func: Callable[[argparse.Namespace], int],
-    help_text: str,
-    epilog: str | None = None,
-) -> argparse.ArgumentParser:
-    parser = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog)
-    parser.set_defaults(func=func)
-    return parser
-
-
 def _features_args(p: argparse.ArgumentParser, pixels: int) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides key.sub=value")
     p.add_argument(
@@ -205,7 +191,7 @@ def _features_args(p: argparse.ArgumentParser, pixels: int) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add predict, export, analyze {discrimination,tsne,qualitative} and sweep to the CLI."""
-    p = _add(
+    p = add_command(
         sub,
         "predict",
         cmd_predict,
@@ -238,7 +224,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
-    p = _add(
+    p = add_command(
         sub,
         "export",
         cmd_export,
@@ -257,13 +243,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Feature and prediction analyses (paper figures).",
     )
     a_sub = analyze.add_subparsers(dest="analyze_command", required=True)
-    p = _add(
+    p = add_command(
         a_sub,
         "discrimination",
         cmd_discrimination,
         "Table 5: LDA traces tr(S_b), tr(S_w) and their ratio of decoder features at "
         "sampled labelled validation pixels, one column per checkpoint.",
-        OVERRIDES_EPILOG,
+        overrides=True,
     )
     _features_args(p, pixels=1000)
     p.add_argument(
@@ -273,12 +259,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="folder for discrimination.md / .csv")
 
-    p = _add(
+    p = add_command(
         a_sub,
         "tsne",
         cmd_tsne,
         "Figure 2: t-SNE of sampled pixel features, one panel per checkpoint.",
-        OVERRIDES_EPILOG,
+        overrides=True,
     )
     _features_args(p, pixels=300)
     p.add_argument(
@@ -286,12 +272,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="output PNG file")
 
-    p = _add(
+    p = add_command(
         a_sub,
         "qualitative",
         cmd_qualitative,
         "Figures 4-5: grid of image / ground truth / each checkpoint's prediction.",
-        OVERRIDES_EPILOG,
+        overrides=True,
     )
     p.add_argument("overrides", nargs="*", help="dotted overrides key.sub=value")
     p.add_argument("--checkpoint", nargs="+", required=True, help="one or more model files")
@@ -308,14 +294,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="output PNG file")
 
-    p = _add(
+    p = add_command(
         sub,
         "sweep",
         cmd_sweep,
         "Train one run per value of one key (key=v1,v2,...) into <out>/<key>=<value> and "
         "tabulate the final mIoU (sweep.csv, sweep.md, sweep.png). Finished runs are "
         "not retrained.",
-        OVERRIDES_EPILOG,
+        overrides=True,
     )
     p.add_argument("config", help="YAML config file")
     p.add_argument(

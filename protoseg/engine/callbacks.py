@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from protoseg.engine.checkpoint import checkpoint_dir, prune_checkpoints
+from protoseg.engine.runtime import show_progress
 from protoseg.files import atomic_write, save_file
 from protoseg.inference import format_table, save_result
 
@@ -46,6 +46,7 @@ class ProgressLogger(Callback):
         self.running: dict[str, float] = {}
         self.count = 0
         self.bar: Any = None
+        self.redirect: Any = None
         self.started = 0.0
         self.start_step = 0
 
@@ -54,8 +55,9 @@ class ProgressLogger(Callback):
         if not trainer.dist.is_main:
             return
         cfg = trainer.cfg
-        if cfg.train.progress and sys.stderr.isatty():
+        if show_progress(cfg.train.progress):
             from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self.bar = tqdm(
                 total=trainer.total_steps,
@@ -63,6 +65,9 @@ class ProgressLogger(Callback):
                 desc=cfg.method.name,
                 dynamic_ncols=True,
             )
+            # Log lines go through the bar instead of breaking it.
+            self.redirect = logging_redirect_tqdm()
+            self.redirect.__enter__()
         self.started, self.start_step = time.perf_counter(), trainer.step
 
     def on_step_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
@@ -83,7 +88,6 @@ class ProgressLogger(Callback):
         self.running, self.count = {}, 0
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{means['lr']:.2e}")
-            return
         done = step - self.start_step
         per_step = (time.perf_counter() - self.started) / max(done, 1)
         terms = " ".join(f"{k}={v:.4g}" for k, v in means.items() if k not in ("lr", "loss"))
@@ -104,8 +108,12 @@ class ProgressLogger(Callback):
 
     def on_train_end(self, trainer: Trainer) -> None:
         """Close the bar; the writer is closed by the trainer after the final evaluation."""
+        if self.redirect is not None:
+            self.redirect.__exit__(None, None, None)
+            self.redirect = None
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def _duration(seconds: float) -> str:

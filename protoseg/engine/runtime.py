@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,3 +36,35 @@ def configure_determinism(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.deterministic = deterministic
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def show_progress(wanted: bool) -> bool:
+    """Progress bars only on a terminal: in a batch job's log they are noise (log lines are
+    written instead)."""
+    return wanted and sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def run_log(path: Path, enabled: bool = True) -> Iterator[None]:
+    """Copy protoseg's log records (INFO and above) into ``path`` while the block runs."""
+    if not enabled:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    )
+    logger = logging.getLogger("protoseg")
+    old_level = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        # The file gets the INFO lines even when the application logs warnings only.
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        handler.close()

@@ -35,7 +35,12 @@ from protoseg.engine.checkpoint import (
 from protoseg.engine.data import TrainingData
 from protoseg.engine.optim import build_optimizer, build_scheduler
 from protoseg.engine.run_lock import RunLock
-from protoseg.engine.runtime import configure_determinism, resolve_precision
+from protoseg.engine.runtime import (
+    configure_determinism,
+    resolve_precision,
+    run_log,
+    show_progress,
+)
 from protoseg.inference import EvalResult, evaluate
 from protoseg.inference.model_file import model_payload
 from protoseg.methods import create_method
@@ -152,7 +157,7 @@ class Trainer:
                     self.cfg.eval,
                     self.device,
                     self.cfg.data.ignore_index,
-                    progress=self.cfg.train.progress and self.dist.is_main,
+                    progress=show_progress(self.cfg.train.progress) and self.dist.is_main,
                     desc=f"{desc} ({head})",
                 )
         return results
@@ -169,7 +174,10 @@ class Trainer:
         ``max_steps`` stops early at that step with a checkpoint and no evaluation (for
         time-limited jobs); a later ``fit`` resumes from it and ends exactly as one run would.
         """
-        with RunLock(self.out_dir, enabled=self.dist.is_main):
+        with (
+            RunLock(self.out_dir, enabled=self.dist.is_main),
+            run_log(self.out_dir / "train.log", enabled=self.dist.is_main),
+        ):
             return self._fit(max_steps)
 
     def _fit(self, max_steps: int | None) -> TrainResult:
@@ -193,6 +201,14 @@ class Trainer:
                 self.data.micro_batch,
                 self.data.accum_steps,
             )
+            if self.method.uses_unlabeled and self.total_steps <= self.method.warmup_steps:
+                log.warning(
+                    "train.iterations/epochs give %d steps, no more than the %d-step supervised "
+                    "warm-up of %s: no unlabelled loss will train, so this run is supervised only",
+                    self.total_steps,
+                    self.method.warmup_steps,
+                    cfg.method.name,
+                )
         labeled_iter, unlabeled_iter = self.data.train_iterators(
             self.step, self.method.uses_unlabeled
         )
@@ -217,8 +233,9 @@ class Trainer:
         except KeyboardInterrupt:
             self._interrupted()
             raise
-        for callback in self.callbacks:
-            callback.on_train_end(self)
+        finally:
+            for callback in self.callbacks:
+                callback.on_train_end(self)
         seconds = time.perf_counter() - started
         if self.step < self.total_steps:
             self.save_checkpoint()

@@ -47,6 +47,8 @@ class SegmentationMethod(Protocol):
     heads: tuple[str, ...]
     #: Whether some student parameters get no gradient (DDP must be told).
     find_unused_parameters: bool
+    #: Steps of supervised-only warm-up (0 for none); known after ``setup``.
+    warmup_steps: int
 
     def setup(self, steps_per_epoch: int) -> None:
         """Derive step counts (e.g. the warm-up length) from the schedule."""
