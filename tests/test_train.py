@@ -138,18 +138,25 @@ def test_nonfinite_loss_can_skip_the_step(synthetic_root, tmp_path):
     assert math.isfinite(result.final["linear"].miou)
 
 
+PROTO_TERMS = {"loss_proto_sup", "loss_proto_unsup"}
+
+
 @pytest.mark.parametrize(
-    "overrides",
+    ("overrides", "logged", "absent"),
     [
-        ["method.strong_aug=cutout"],
-        ["method.strong_aug=classmix"],
-        ["method.linear_head=false"],
-        ["method.prototypes.update=false"],
-        ["method.prototypes.train_predictor=false"],
-        ["method.prototypes.update_rule=per_pixel", "method.teacher_bn=copy"],
+        (["method.strong_aug=cutout"], {"loss_unsup", *PROTO_TERMS}, set()),
+        (["method.strong_aug=classmix"], {"loss_unsup", *PROTO_TERMS}, set()),
+        (["method.linear_head=false"], PROTO_TERMS, {"loss_unsup", "loss_sup"}),
+        (["method.prototypes.update=false"], PROTO_TERMS, {"prototypes_updated"}),
+        (["method.prototypes.train_predictor=false"], {"loss_unsup"}, PROTO_TERMS),
+        (
+            ["method.prototypes.update_rule=per_pixel", "method.teacher_bn=copy"],
+            {"loss_unsup", "prototypes_updated", *PROTO_TERMS},
+            set(),
+        ),
     ],
 )
-def test_pcr_variants_train_with_finite_losses(synthetic_root, tmp_path, overrides):
+def test_pcr_variants_train_through_the_engine(synthetic_root, tmp_path, overrides, logged, absent):
     cfg = tiny_config(
         synthetic_root,
         tmp_path / "v",
@@ -157,21 +164,31 @@ def test_pcr_variants_train_with_finite_losses(synthetic_root, tmp_path, overrid
         "train.iterations=2",
         "train.log_every=1",
         "method.mix_prob=1.0",
+        "method.confidence_threshold=0",
         *overrides,
     )
     result = Trainer(cfg).fit()
-    assert result.history and all(math.isfinite(v) for h in result.history for v in h.values())
+    terms = set().union(*result.history)
+    assert logged <= terms and not absent & terms
+    # Every pixel is confident at tau = 0, so each unlabelled term is active.
+    for term in logged:
+        assert all(h[term] > 0 for h in result.history if term in h), term
     head = "prototype" if "method.linear_head=false" in overrides else "linear"
-    assert head in result.final and math.isfinite(result.final[head].miou)
+    assert head == next(iter(result.final)) and math.isfinite(result.final[head].miou)
 
 
-def test_mean_teacher_and_cutmix_seg_train(synthetic_root, tmp_path):
-    for method in ("mean_teacher", "cutmix_seg"):
-        cfg = tiny_config(
-            synthetic_root, tmp_path / method, method, "train.iterations=2", "train.log_every=1"
-        )
-        result = Trainer(cfg).fit()
-        assert math.isfinite(result.history[-1]["loss"])
+@pytest.mark.parametrize("method", ["mean_teacher", "cutmix_seg"])
+def test_teacher_methods_train_through_the_engine(synthetic_root, tmp_path, method):
+    cfg = tiny_config(
+        synthetic_root, tmp_path / method, method, "train.iterations=2", "train.log_every=1"
+    )
+    result = Trainer(cfg).fit()
+    unlabelled = {"mean_teacher": "loss_consistency", "cutmix_seg": "loss_unsup"}[method]
+    assert all(unlabelled in h for h in result.history)
+    teacher, student = result.out_dir / "model.pt", Trainer(cfg).method.student
+    # The deployed model is the EMA teacher: it differs from a freshly built student.
+    deployed = torch.load(teacher, weights_only=True)["state_dict"]
+    assert any(not torch.equal(deployed[k], v) for k, v in student.state_dict().items())
 
 
 def test_corrupt_checkpoint_is_reported(synthetic_root, tmp_path):
