@@ -137,6 +137,8 @@ def test_every_shipped_config_loads():
         load_config("voc/pcr.yaml", ["method.strong_aug=mixup"])
 
 
+# End to end (tens of seconds): in `make test-all`, not the default suite.
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys):
     assert (
         main(["demo", "--out", str(tmp_path / "demo"), "--iterations", "2", "--device", "cpu"]) == 0

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from helpers import tiny_overrides
@@ -101,6 +102,8 @@ def _train_command(root, out):
     ]
 
 
+# End to end (tens of seconds): in `make test-all`, not the default suite.
+@pytest.mark.slow
 def test_sigkill_mid_training_resumes_to_the_same_weights(synthetic_root, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     straight = subprocess.run(

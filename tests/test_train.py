@@ -28,6 +28,8 @@ def test_poly_schedule_values():
     assert poly_factor(150, 100, 0.9) == 0.0
 
 
+# End to end (tens of seconds): in `make test-all`, not the default suite.
+@pytest.mark.slow
 def test_supervised_training_beats_chance(synthetic_root, tmp_path):
     cfg = tiny_config(
         synthetic_root, tmp_path / "run", "supervised", "train.iterations=100", "optim.lr=0.03"
