@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from protoseg.analysis.predict import load
 from protoseg.config import load_config
 from protoseg.convert import (
     MindSporeCheckpointError,
@@ -35,7 +34,8 @@ from protoseg.convert.release import (
     protoseg_name,
     release_config,
 )
-from protoseg.engine.checkpoint import MODEL_FORMAT, load_file
+from protoseg.files import MODEL_FORMAT, load_file
+from protoseg.inference import load
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -336,8 +336,9 @@ def test_release_config_matches_the_shipped_recipes() -> None:
             assert getattr(ours.data, key) == pytest.approx(getattr(shipped.data, key)), key
         for key in ("backbone", "output_stride", "multi_grid", "aux_head", "aspp_dilations"):
             assert getattr(ours.model, key) == getattr(shipped.model, key), key
-        assert ours.method.prototypes_per_class == shipped.method.prototypes_per_class
-        assert ours.eval.mode == shipped.eval.mode
+        assert ours.method.prototypes.per_class == shipped.method.prototypes.per_class
+        assert ours.method.confidence_threshold == shipped.method.confidence_threshold
+        assert (ours.eval.mode, ours.eval.all_heads) == (shipped.eval.mode, shipped.eval.all_heads)
         assert ours.model.pretrained == ""  # loading a converted file downloads nothing
     assert release_config("voc").data.class_names == list(VOC_CLASSES)
 
@@ -353,7 +354,9 @@ def test_converted_release_file_loads_and_predicts(tmp_path: Path, voc_tensors, 
 
     data = load_file(out)
     assert data["format"] == MODEL_FORMAT and data["class_names"] == list(VOC_CLASSES)
-    assert data["prototypes"]["initialized"].item() is True
+    head = data["heads"]["prototype"]
+    assert head["options"] == {"num_classes": 21, "per_class": 4, "dim": 512, "temperature": 0.1}
+    assert head["state"]["initialized"].item() is True
     assert data["converted_from"] == {
         "release": "HeimingX/semi_seg_proto",
         "dataset": "voc",

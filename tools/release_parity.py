@@ -9,7 +9,7 @@ checkout of the release's code, which protoseg does not copy. The script
    names would show), saves it with ``mindspore.save_checkpoint`` under the release's
    ``module.`` names, and runs one random image through it (eval mode, prototype head on);
 2. converts that checkpoint with ``protoseg.convert.release.main_convert``, loads the
-   model file with ``protoseg.analysis.predict.load`` and runs the same image;
+   model file with ``protoseg.inference.load`` and runs the same image;
 3. prints the max abs difference of the linear logits, the 512-d features, the prototype
    logits (classified at the input size, as the release does) and the auxiliary logits,
    next to the largest reference value and the argmax agreement, for each dataset; once
@@ -211,7 +211,7 @@ def _protoseg_outputs(model_file: Path, image: Any, same_maxpool: bool) -> dict[
     import torch
     import torch.nn.functional as F
 
-    from protoseg.analysis.predict import load
+    from protoseg.inference import load
 
     predictor = load(model_file, device="cpu", head="prototype")
     segmenter = predictor.model

@@ -37,7 +37,7 @@ from typing import BinaryIO
 import torch
 from torch import Tensor
 
-from protoseg.engine.checkpoint import CheckpointError, atomic_write
+from protoseg.files import CheckpointError, atomic_write
 
 __all__ = [
     "MINDSPORE_DTYPES",
@@ -399,9 +399,7 @@ def write_checkpoint(
         for name, tensor in tensors.items():
             flat = tensor.detach().cpu().contiguous().reshape(-1)
             # A byte view of the tensor's own memory: a 250 MB model is not copied again.
-            content = (
-                memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
-            )
+            content = flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
             size = flat.element_size()
             # Slices end on element boundaries so that each holds whole values.
             step = max(1, slice_bytes // size) * size

@@ -38,11 +38,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from protoseg.components import PROTOTYPE_HEAD, PrototypeConfig
 from protoseg.config import (
     Config,
     DataConfig,
     EvalConfig,
-    MethodConfig,
     ModelConfig,
     OptimConfig,
     TrainConfig,
@@ -50,7 +50,8 @@ from protoseg.config import (
     validate,
 )
 from protoseg.convert.mindspore_ckpt import read_checkpoint
-from protoseg.engine.checkpoint import MODEL_FORMAT, CheckpointError, atomic_save
+from protoseg.files import MODEL_FORMAT, CheckpointError, save_file
+from protoseg.methods.pcr import PCRConfig
 
 __all__ = [
     "RELEASES",
@@ -189,12 +190,11 @@ def release_config(dataset: str) -> Config:
         dropout=0.1,
         aux_head=spec.aux_head,
     )
-    method = MethodConfig(
-        name="pcr",
+    method = PCRConfig(
         confidence_threshold=0.8 if voc else 0.65,
-        prototypes_per_class=spec.prototypes_per_class,
-        prototype_momentum=0.99,
-        temperature=0.1,
+        prototypes=PrototypeConfig(
+            per_class=spec.prototypes_per_class, momentum=0.99, temperature=0.1
+        ),
     )
     optim = (
         OptimConfig(lr=1e-3, weight_decay=1e-4, decoder_lr_mult=10.0)
@@ -210,7 +210,7 @@ def release_config(dataset: str) -> Config:
         out_dir=f"runs/release/{dataset}",
     )
     evaluation = (
-        EvalConfig(mode="whole", prototype_head=True)
+        EvalConfig(mode="whole", all_heads=True)
         if voc
         else EvalConfig(mode="sliding", window=769, stride=513)
     )
@@ -334,23 +334,23 @@ def convert_tensors(
     for name, tensor in stripped.items():
         if name == PROTOTYPE_KEY:
             continue
-        key = protoseg_name(name)
-        if key is None or key not in expected:
+        target = protoseg_name(name)
+        if target is None or target not in expected:
             unplaced.append(_PREFIX + name)
             continue
-        if key in placed_from:
+        if target in placed_from:
             raise ReleaseConversionError(
-                f"{source}: {name!r} and {placed_from[key]!r} both map to {key!r}"
+                f"{source}: {name!r} and {placed_from[target]!r} both map to {target!r}"
             )
-        shape, dtype = expected[key]
+        shape, dtype = expected[target]
         if tensor.shape != shape:
             mismatched.append(f"{_PREFIX}{name} {tuple(tensor.shape)} (protoseg {tuple(shape)})")
             continue
         if tensor.dtype != dtype and not (tensor.is_floating_point() and dtype.is_floating_point):
             mismatched.append(f"{_PREFIX}{name} dtype {tensor.dtype} (protoseg {dtype})")
             continue
-        state[key] = tensor.to(dtype)
-        placed_from[key] = name
+        state[target] = tensor.to(dtype)
+        placed_from[target] = name
 
     net = f"protoseg's DeepLabV3Plus for the {spec.title} release"
     if unplaced:
@@ -411,28 +411,36 @@ def _palette(dataset: str) -> list[tuple[int, int, int]]:
 
 
 def model_file_payload(release_model: ReleaseModel) -> dict[str, Any]:
-    """The protoseg model-file dict (``MODEL_FORMAT``) of a converted release checkpoint."""
+    """The protoseg model-file dict (``MODEL_FORMAT``) of a converted release checkpoint.
+
+    Plain data only (tensors, numbers, strings, lists, dicts), as ``read_model_file``
+    requires; the prototype head is stored as the PCR method's deployed head is.
+    """
     from protoseg import __version__
-    from protoseg.prototypes import PrototypeBank
+    from protoseg.components.prototypes import PrototypeBank
 
     cfg = release_model.config
+    protos = cfg.method.prototypes
     c, m, d = release_model.prototypes.shape
-    # Building the bank module gives exactly the state-dict layout that predict.load reads.
-    bank = PrototypeBank(
-        c, m, d, cfg.method.prototype_momentum, cfg.method.temperature, cfg.data.ignore_index
-    )
-    bank.prototypes.copy_(release_model.prototypes)
-    bank.initialized.fill_(True)
+    state = {"prototypes": release_model.prototypes.clone(), "initialized": torch.tensor(True)}
+    # Loading into the bank module checks the layout its head loader will expect.
+    bank = PrototypeBank(c, m, d, protos.momentum, protos.temperature, cfg.data.ignore_index)
+    bank.load_state_dict(state, strict=True)
+    head = {
+        "kind": PROTOTYPE_HEAD,
+        "options": {"num_classes": c, "per_class": m, "dim": d, "temperature": bank.temperature},
+        "state": state,
+    }
     return {
         "format": MODEL_FORMAT,
         "version": __version__,
         "config": to_dict(cfg),
         "state_dict": release_model.state_dict,
+        "heads": {PROTOTYPE_HEAD: head},
         "class_names": list(cfg.data.class_names),
-        "palette": _palette(release_model.dataset),
+        "palette": [list(color) for color in _palette(release_model.dataset)],
         "mean": list(cfg.data.mean),
         "std": list(cfg.data.std),
-        "prototypes": bank.state_dict(),
         "converted_from": {
             "release": RELEASE_REPO,
             "dataset": release_model.dataset,
@@ -443,7 +451,7 @@ def model_file_payload(release_model: ReleaseModel) -> dict[str, Any]:
 
 def write_model_file(release_model: ReleaseModel, out_path: str | Path) -> Path:
     """Write a converted release checkpoint as a protoseg model file (atomically)."""
-    return atomic_save(model_file_payload(release_model), out_path)
+    return save_file(model_file_payload(release_model), out_path)
 
 
 def _summary(release_model: ReleaseModel, out: Path) -> list[str]:
@@ -457,16 +465,14 @@ def _summary(release_model: ReleaseModel, out: Path) -> list[str]:
     c, m, _ = release_model.prototypes.shape
     table = " / ".join(f"{v:.2f}" for v in spec.reported_miou)
     splits = " / ".join(str(n) for n in spec.labels)
-    recipe = "voc/pcr.yaml" if spec.dataset == "voc" else "cityscapes/pcr.yaml"
     root = "VOC2012" if spec.dataset == "voc" else "cityscapes"
-    heads = "--head linear or --head prototype" if cfg.eval.prototype_head else "--head linear"
     return [
         f"converted {release_model.source} -> {out}",
         f"  {spec.title} release: {c} classes, {m} prototypes per class, "
         f"{params:,} network parameters" + (", auxiliary head" if cfg.model.aux_head else ""),
         f"  the release reports mIoU {table} for {splits} labels (linear head, {spec.protocol})",
-        f"  evaluate: protoseg eval {recipe} data.root=/path/to/{root} --checkpoint {out} "
-        f"({heads})",
+        f"  evaluate: protoseg eval data.root=/path/to/{root} --checkpoint {out} "
+        f"[--head {PROTOTYPE_HEAD}]",
         f"  predict:  protoseg predict IMAGES... --checkpoint {out} --out masks/",
     ]
 
