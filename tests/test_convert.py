@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from protoseg.cli import main as cli_main
 from protoseg.config import load_config
 from protoseg.convert import (
     MindSporeCheckpointError,
@@ -347,7 +348,8 @@ def test_release_config_matches_the_shipped_recipes() -> None:
 def test_converted_release_file_loads_and_predicts(tmp_path: Path, voc_tensors, capsys) -> None:
     ckpt = write_checkpoint(voc_tensors, tmp_path / "best.ckpt")
     out = tmp_path / "model.pt"
-    assert main_convert(str(ckpt), "voc", str(out), force=False) == 0
+    # As a user runs it: the command line.
+    assert cli_main(["convert", "release", str(ckpt), "--dataset", "voc", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "70.78 / 74.65 / 76.77 / 78.70 / 80.18" in printed and str(out) in printed
     assert "62,623,189 network parameters" in printed

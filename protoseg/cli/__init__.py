@@ -182,6 +182,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_release(args: argparse.Namespace) -> int:
+    """Convert one of the PCR authors' MindSpore checkpoints into a protoseg model file."""
+    from protoseg.convert.release import main_convert
+
+    return main_convert(args.checkpoint, args.dataset, args.out, args.force)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Generate the synthetic set, train the methods, compare them."""
     from protoseg.cli.demo import run_demo
@@ -309,6 +316,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="prediction head: linear, or one the model file holds (e.g. prototype)",
     )
     p.add_argument("--out", default=None, help="write the results as JSON here")
+
+    convert = sub.add_parser(
+        "convert", help="convert other models' files", description="Convert model files."
+    )
+    convert_sub = convert.add_subparsers(dest="convert_command", required=True)
+    p = add_command(
+        convert_sub,
+        "release",
+        cmd_convert_release,
+        "Convert a best.ckpt of the PCR authors' release (MindSpore; MindSpore not needed) "
+        "into a protoseg model file.",
+    )
+    p.add_argument("checkpoint", help="the release's best.ckpt")
+    p.add_argument("--dataset", required=True, choices=["voc", "cityscapes"])
+    p.add_argument("--out", required=True, help="the protoseg model file to write, e.g. m.pt")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
 
     p = add_command(
         sub,
