@@ -48,6 +48,10 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     crop_size: int = 513
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    # How the random scale is drawn from scale_range: "uniform" over [min, max], or "split"
+    # (U2PL's RandResize and the release): U[min, 1] or U[1, max] with probability 1/2 each,
+    # so half of the crops are zoomed out whatever the range's width.
+    scale_sampling: str = "uniform"
     hflip: bool = True
     # The training "epoch" runs over this set; the other list is repeated to match.
     epoch_over: str = "unlabeled"
@@ -139,7 +143,10 @@ class TrainConfig:
     max_device_batch: int = 0
     loss: str = "ohem"
     ohem_threshold: float = 0.7
-    ohem_min_kept: int = 100000
+    # The OHEM floor per image: a call on B images keeps at least B x this many pixels (the
+    # release's 100000 per GPU batch of 2 crops), so the loss does not depend on how the
+    # batch is split over processes and accumulation steps.
+    ohem_min_kept: int = 50000
     aux_weight: float = 0.4
     seed: int = 2
     deterministic: bool = False
@@ -172,6 +179,10 @@ class EvalConfig:
     all_heads: bool = False
     flip: bool = False
     scales: list[float] = field(default_factory=lambda: [1.0])
+    # "nanmean": mean IoU over the classes present in the ground truth or the prediction;
+    # "release": U2PL's mean over all classes of intersection / (union + 1e-10), where a
+    # class absent from both counts as 0. They differ only when some class is absent.
+    miou: str = "nanmean"
 
 
 @dataclass
@@ -189,10 +200,12 @@ class Config:
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.epoch_over": ("unlabeled", "labeled"),
+    "data.scale_sampling": ("uniform", "split"),
     "train.loss": ("ce", "ohem"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.on_nonfinite": ("stop", "skip"),
     "eval.mode": ("whole", "sliding"),
+    "eval.miou": ("nanmean", "release"),
 }
 
 
@@ -279,6 +292,13 @@ def validate(cfg: Config) -> Config:
     lo, hi = (cfg.data.scale_range + [0, 0])[:2]
     if len(cfg.data.scale_range) != 2 or not 0 < lo <= hi:
         raise ConfigError("data.scale_range must be [min, max] with 0 < min <= max")
+    if cfg.data.scale_sampling == "split" and not lo <= 1.0 <= hi:
+        raise ConfigError(
+            f"data.scale_sampling=split draws below and above 1, but data.scale_range="
+            f"{cfg.data.scale_range} does not contain 1; widen it or use uniform"
+        )
+    if cfg.train.ohem_min_kept < 0:
+        raise ConfigError(f"train.ohem_min_kept={cfg.train.ohem_min_kept} must be >= 0")
     if cfg.data.class_names and len(cfg.data.class_names) != cfg.data.num_classes:
         raise ConfigError(
             f"data.class_names has {len(cfg.data.class_names)} names but "
@@ -438,6 +458,7 @@ RECIPE_KEYS: tuple[str, ...] = (
     "data.std",
     "data.crop_size",
     "data.scale_range",
+    "data.scale_sampling",
     "data.hflip",
     "data.epoch_over",
     "train.epochs",

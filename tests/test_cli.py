@@ -137,6 +137,27 @@ def test_every_shipped_config_loads():
         load_config("voc/pcr.yaml", ["method.strong_aug=mixup"])
 
 
+def test_release_recipes_take_the_releases_training_details():
+    # This tree's recipes (an editable install of another checkout maps the shipped ones there).
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("voc/classic/92", "voc/blender/662", "cityscapes/fine/744"):
+        for method in ("pcr", "cutmix_seg"):
+            cfg = load_config(configs / f"{name}/{method}.yaml")
+            assert cfg.data.scale_sampling == "split" and cfg.eval.miou == "release"
+            # 100000 per GPU batch of 2 crops in the release.
+            assert cfg.train.ohem_min_kept == 50000
+            assert (cfg.method.ema_start, cfg.method.teacher_bn) == ("after_epoch", "student_batch")
+    mean_teacher = load_config(configs / "voc/mean_teacher.yaml")
+    assert (mean_teacher.method.ema_start, mean_teacher.method.teacher_bn) == (
+        "after_epoch",
+        "student_batch",
+    )
+    # The synthetic recipe keeps the generic defaults (and its published numbers).
+    demo = load_config(configs / "synthetic/pcr.yaml")
+    assert (demo.data.scale_sampling, demo.eval.miou) == ("uniform", "nanmean")
+    assert (demo.method.ema_start, demo.method.teacher_bn) == ("ramp", "forward")
+
+
 # End to end (tens of seconds): in `make test-all`, not the default suite.
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys):

@@ -87,15 +87,33 @@ def test_ohem_keeps_hard_pixels_and_min_kept():
     per = torch.nn.functional.cross_entropy(logits, target, reduction="none").flatten()
     prob = torch.exp(-per)
     # threshold 0.7 keeps the two pixels with target probability <= 0.7
-    got = ohem_cross_entropy(logits, target, threshold=0.7, min_kept=1)
+    got = ohem_cross_entropy(logits, target, threshold=0.7, min_kept_per_image=1)
     assert got.item() == pytest.approx(per[prob <= 0.7].mean().item(), rel=1e-5)
     # min_kept=3 raises the cut to the third-lowest probability
-    got3 = ohem_cross_entropy(logits, target, threshold=0.7, min_kept=3)
+    got3 = ohem_cross_entropy(logits, target, threshold=0.7, min_kept_per_image=3)
     assert got3.item() == pytest.approx(
         per.sort(descending=True).values[:3].mean().item(), rel=1e-5
     )
     ignored = torch.full_like(target, 255)
     assert SegmentationLoss("ohem")(logits, ignored).item() == 0.0
+
+
+def test_ohem_floor_is_per_image():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 8, 8)
+    target = torch.randint(0, 4, (2, 8, 8))
+    per = torch.nn.functional.cross_entropy(logits, target, reduction="none").flatten()
+    # Threshold 0 keeps nothing by itself: the floor alone decides, 10 pixels per image.
+    two = ohem_cross_entropy(logits, target, 255, 0.0, 10)
+    assert two.item() == pytest.approx(per.sort(descending=True).values[:20].mean().item())
+    # The same two images twice in one call keep each of those pixels twice: the same loss.
+    # A floor for the whole call would keep only the 10 hardest twice, a different mean.
+    doubled = torch.cat([logits, logits]), torch.cat([target, target])
+    four = ohem_cross_entropy(*doubled, 255, 0.0, 10)
+    assert four.item() == pytest.approx(two.item(), rel=1e-6)
+    assert SegmentationLoss("ohem", 255, 0.0, 10)(logits, target).item() == pytest.approx(
+        two.item()
+    )
 
 
 # ---- EMA teacher and pseudo-labels -------------------------------------------------------------
@@ -122,24 +140,61 @@ def test_ema_teacher_follows_the_student():
     assert not any(p.requires_grad for p in teacher.network.parameters())
 
 
+@pytest.mark.parametrize(
+    ("ema_start", "decays"),
+    [
+        ("ramp", [0.0, 1 / 2, 2 / 3, 3 / 4, 4 / 5, 5 / 6]),  # min(1 - 1/(t+1), 0.99) from t = 0
+        ("after_epoch", [0.0, 0.0, 0.0, 0.0, 4 / 5, 5 / 6]),  # a copy for one epoch (U2PL)
+    ],
+)
+def test_ema_start(ema_start, decays):
+    cfg = tiny_config("cutmix_seg")
+    student = create_model(cfg.model, cfg.data.num_classes)
+    teacher = EMATeacher(student, 0.99, ema_start=ema_start)
+    teacher.setup(steps_per_epoch=4)
+    s_param = next(student.parameters())
+    t_param = next(teacher.network.parameters())
+    for t, decay in enumerate(decays):
+        with torch.no_grad():
+            s_param.add_(1.0)
+        before = t_param.clone()
+        teacher.follow(student, t)
+        assert teacher.decay(t) == pytest.approx(decay)
+        assert torch.allclose(t_param, decay * before + (1 - decay) * s_param, atol=1e-6)
+    assert teacher.decay(10_000) == 0.99
+    with pytest.raises(ValueError, match="ema_start"):
+        tiny_config("cutmix_seg", "method.ema_start=later")
+
+
 def test_teacher_bn_modes():
     cfg = tiny_config("cutmix_seg")
     student = create_model(cfg.model, cfg.data.num_classes)
     images = torch.randn(2, 3, 33, 41) * 3 + 1
+
+    def running_mean(teacher):
+        return teacher.network.backbone.trunk.bn1.running_mean
+
+    before = running_mean(EMATeacher(student, 0.99)).clone()
     forward = EMATeacher(student, 0.99, "forward")
-    before = forward.network.backbone.trunk.bn1.running_mean.clone()
-    forward.predict(images)  # the release refreshes BN statistics on the teacher's input
-    assert not torch.equal(forward.network.backbone.trunk.bn1.running_mean, before)
+    forward.refresh_bn(images)  # only the student_batch mode refreshes on the student's batch
+    assert torch.equal(running_mean(forward), before)
+    forward.predict(images)  # refreshes BN statistics on the teacher's own input first
+    assert not torch.equal(running_mean(forward), before)
     assert not forward.network.training
+    batch = EMATeacher(student, 0.99, "student_batch")
+    batch.predict(images)  # pseudo-labels with the statistics it has
+    assert torch.equal(running_mean(batch), before)
+    batch.refresh_bn(images)
+    assert not torch.equal(running_mean(batch), before)
+    assert not batch.network.training
     copy = EMATeacher(student, 0.99, "copy")
     copy.predict(images)
-    assert torch.equal(copy.network.backbone.trunk.bn1.running_mean, before)
+    copy.refresh_bn(images)
+    assert torch.equal(running_mean(copy), before)
     with torch.no_grad():
         student.backbone.trunk.bn1.running_mean.add_(1.0)
     copy.follow(student, 5)
-    assert torch.equal(
-        copy.network.backbone.trunk.bn1.running_mean, student.backbone.trunk.bn1.running_mean
-    )
+    assert torch.equal(running_mean(copy), student.backbone.trunk.bn1.running_mean)
 
 
 def test_pseudo_labels_and_confidence_mask():

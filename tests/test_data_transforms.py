@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from protoseg.config import DataConfig
+from protoseg.config import ConfigError, DataConfig, load_config
 from protoseg.data import denormalize, eval_transform, train_transform
+from protoseg.data.splits import DataError
+from protoseg.data.transforms import RandomRescale
 
 IGNORE = 255
 
@@ -117,6 +119,41 @@ def test_train_transform_scale_and_flip_are_random() -> None:
             assert torch.equal(region, expected) or torch.equal(region, expected.flip(-1))
             flips.append(not torch.equal(region, expected))
         assert (0 < sum(flips) < 20) if hflip else not any(flips)
+
+
+def _rescale_step(cfg: DataConfig) -> RandomRescale:
+    steps = train_transform(cfg).pipeline.transforms  # type: ignore[attr-defined]
+    return next(step for step in steps if isinstance(step, RandomRescale))
+
+
+@pytest.mark.parametrize(
+    ("sampling", "mean", "below_one", "half_means"),
+    # U2PL's RandResize: U[0.5, 1] or U[1, 2] with probability 1/2 each.
+    [("split", 1.125, 0.5, (0.75, 1.5)), ("uniform", 1.25, 1 / 3, (0.75, 1.5))],
+)
+def test_scale_sampling_distribution(
+    sampling: str, mean: float, below_one: float, half_means: tuple[float, float]
+) -> None:
+    cfg = DataConfig(root="unused", scale_range=[0.5, 2.0], scale_sampling=sampling)
+    rescale = _rescale_step(cfg)
+    torch.manual_seed(0)
+    factors = torch.tensor([rescale.draw_factor() for _ in range(20000)], dtype=torch.float64)
+    assert factors.min() >= 0.5 and factors.max() <= 2.0
+    # Standard errors are ~0.003 at 20000 draws; the two samplings differ by 0.125 and 1/6.
+    assert factors.mean().item() == pytest.approx(mean, abs=0.015)
+    assert (factors < 1).double().mean().item() == pytest.approx(below_one, abs=0.015)
+    below, above = factors[factors < 1], factors[factors >= 1]
+    assert below.mean().item() == pytest.approx(half_means[0], abs=0.015)
+    assert above.mean().item() == pytest.approx(half_means[1], abs=0.015)
+
+
+def test_split_scale_sampling_needs_a_range_around_one() -> None:
+    with pytest.raises(DataError, match="contains 1"):
+        RandomRescale(1.2, 1.5, "split")
+    with pytest.raises(ConfigError, match="scale_sampling=split"):
+        overrides = ["data.scale_sampling=split", "data.scale_range=[1.2,1.5]"]
+        load_config(None, ["data.root=x", *overrides])
+    assert RandomRescale(1.2, 1.5, "uniform").draw_factor() >= 1.2
 
 
 def test_eval_transform_is_identity_geometry() -> None:

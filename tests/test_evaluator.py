@@ -258,6 +258,23 @@ def test_evaluate_perfect_model(cfg: EvalConfig) -> None:
     assert model.training, "evaluate must restore the previous training mode"
 
 
+def test_release_miou_counts_a_class_absent_from_both_as_zero() -> None:
+    # Class 3 is in neither the ground truth nor the prediction of the oracle.
+    model = OracleModel().eval()
+    cfg = EvalConfig(miou="release")
+    result = evaluate(model, loader(toy_samples()), NUM_CLASSES, cfg, "cpu", progress=False)
+    assert result.miou == pytest.approx(300.0 / 4)  # U2PL: mean of I / (U + 1e-10) over all 4
+    assert math.isnan(result.iou[3])  # the per-class table still marks it absent
+    nanmean = evaluate(model, loader(toy_samples()), NUM_CLASSES, EvalConfig(), "cpu")
+    assert nanmean.miou == pytest.approx(100.0)
+    cm = ConfusionMatrix(NUM_CLASSES)
+    cm.update(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 2]))  # every class occurs
+    assert cm.miou("release") == pytest.approx(cm.miou("nanmean"))
+    assert math.isnan(ConfusionMatrix(NUM_CLASSES).miou("release"))
+    with pytest.raises(ValueError, match="unknown mIoU definition"):
+        cm.miou("macro")
+
+
 def test_evaluate_constant_model() -> None:
     model = ConstantModel().eval()
     result = evaluate(model, loader(toy_samples()), NUM_CLASSES, EvalConfig(), "cpu")

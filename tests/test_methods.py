@@ -65,6 +65,47 @@ def test_cutmix_seg_learns_from_the_teachers_mixed_pseudo_labels(monkeypatch):
     assert out["loss_unsup"].item() > 0
 
 
+TEACHER_METHODS = (TestMeanTeacher, TestCutMixSeg, TestPCR)
+
+
+@pytest.mark.parametrize("contract", TEACHER_METHODS)
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        # (train mode?, images) of each teacher pass, 2 labelled + 2 unlabelled images.
+        ("forward", [(True, 2), (False, 2)]),  # refresh on the weak view, then pseudo-label
+        ("student_batch", [(False, 2), (True, 4)]),  # pseudo-label, then [labelled; mixed]
+        ("copy", [(False, 2)]),
+    ],
+)
+def test_teacher_bn_refresh_runs_on_the_configured_batch(contract, mode, expected):
+    method, _ = contract().build(f"method.teacher_bn={mode}")
+    calls = []
+    method.teacher.network.register_forward_pre_hook(
+        lambda module, args: calls.append((module.training, int(args[0].shape[0])))
+    )
+    labeled, unlabeled = batches()
+    method.training_step(labeled, unlabeled, step=0)
+    assert calls == expected
+
+
+@pytest.mark.parametrize("contract", TEACHER_METHODS)
+def test_ema_start_after_epoch_keeps_the_teacher_on_the_student_for_an_epoch(contract):
+    method, _ = contract().build("method.ema_start=after_epoch")  # 10 steps per epoch
+    s_param = next(method.student.parameters())
+    t_param = next(method.teacher.network.parameters())
+    for step in (0, 5, 9):  # no warm-up here: the first semi-supervised epoch
+        with torch.no_grad():
+            s_param.add_(1.0)
+        method.after_optimizer_step(step)
+        assert torch.equal(t_param, s_param)
+    with torch.no_grad():
+        s_param.add_(1.0)
+    before = t_param.clone()
+    method.after_optimizer_step(10)  # then the EMA: decay min(1 - 1/11, 0.99)
+    assert torch.allclose(t_param, before + (s_param - before) / 11, atol=1e-6)
+
+
 def test_pcr_updates_the_bank_and_trains_the_prototype_predictor():
     method, _ = TestPCR().build()
     before = method.branch.bank.prototypes.clone()

@@ -64,9 +64,11 @@ def test_aux_head_parameter_count() -> None:
     plain = DeepLabV3Plus(5, **kwargs)
     with_aux = DeepLabV3Plus(5, aux_head=True, **kwargs)
     mid = with_aux.backbone.channels[1]
-    # 3x3 conv mid->256 (no bias), BatchNorm, 1x1 conv 256->5 with bias.
+    # 3x3 conv mid->256 (no bias), BatchNorm, 1x1 conv 256->5 with bias. The released
+    # checkpoints' auxor.aux.0 has a weight and no bias (U2PL's Aux_Module has one).
     aux = mid * 256 * 9 + 2 * 256 + 256 * 5 + 5
     assert with_aux.aux is not None
+    assert with_aux.aux[0].bias is None
     assert count_parameters(with_aux.aux) == aux
     assert count_parameters(with_aux) == count_parameters(plain) + aux
 

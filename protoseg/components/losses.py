@@ -12,9 +12,16 @@ def ohem_cross_entropy(
     target: Tensor,
     ignore_index: int = 255,
     threshold: float = 0.7,
-    min_kept: int = 100000,
+    min_kept_per_image: int = 50000,
 ) -> Tensor:
-    """CE over the hard pixels: target probability <= max(threshold, the min_kept-th lowest)."""
+    """CE over the hard pixels: target probability <= max(threshold, the k-th lowest).
+
+    ``k = min_kept_per_image x B`` for (B, H, W) targets (B = 1 otherwise). The release keeps
+    at least 100,000 pixels per GPU batch of 2 crops; a floor per image keeps that share of
+    pixels however a batch is split over processes and accumulation steps, where a fixed
+    floor would keep 8 times fewer per image in one call on all 16 crops. With fewer valid
+    pixels than ``k`` every valid pixel is kept, as in the release.
+    """
     loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none").flatten()
     valid = target.flatten() != ignore_index
     if not bool(valid.any()):
@@ -23,6 +30,8 @@ def ohem_cross_entropy(
         # exp(-CE) is the softmax probability of the target class.
         prob = torch.exp(-loss.detach())
         cut = torch.tensor(threshold, device=prob.device, dtype=prob.dtype)
+        images = int(target.shape[0]) if target.dim() == 3 else 1
+        min_kept = min_kept_per_image * images
         if min_kept > 0:
             valid_prob = prob[valid]
             k = min(int(valid_prob.numel()), min_kept)
@@ -32,14 +41,17 @@ def ohem_cross_entropy(
 
 
 class SegmentationLoss:
-    """The supervised criterion of a config: plain CE or OHEM, both ignoring ``ignore_index``."""
+    """The supervised criterion of a config: plain CE or OHEM, both ignoring ``ignore_index``.
+
+    ``ohem_min_kept`` is the OHEM floor per image (``train.ohem_min_kept``).
+    """
 
     def __init__(
         self,
         kind: str = "ce",
         ignore_index: int = 255,
         ohem_threshold: float = 0.7,
-        ohem_min_kept: int = 100000,
+        ohem_min_kept: int = 50000,
     ) -> None:
         if kind not in ("ce", "ohem"):
             raise ValueError(f"unknown loss {kind!r}: use ce or ohem")
@@ -81,7 +93,7 @@ class SupervisedObjective:
         kind: str = "ce",
         ignore_index: int = 255,
         ohem_threshold: float = 0.7,
-        ohem_min_kept: int = 100000,
+        ohem_min_kept: int = 50000,
         aux_weight: float = 0.0,
     ) -> None:
         self.criterion = SegmentationLoss(kind, ignore_index, ohem_threshold, ohem_min_kept)

@@ -26,21 +26,46 @@ except ImportError:  # torchvision < 0.21 keeps it private
     from torchvision.transforms.v2._utils import query_size
 
 
-class RandomRescale(v2.Transform):
-    """Resize by a factor drawn uniformly from [low, high]; images bilinear, masks nearest."""
+SCALE_SAMPLINGS = ("uniform", "split")
 
-    def __init__(self, low: float, high: float) -> None:
+
+class RandomRescale(v2.Transform):
+    """Resize by a random factor from [low, high]; images bilinear, masks nearest.
+
+    ``sampling="uniform"`` draws the factor uniformly from [low, high]; ``"split"`` draws it
+    from U[low, 1] or U[1, high] with probability 1/2 each, as U2PL's RandResize (and so the
+    PCR release) does: on [0.5, 2.0] the mean factor is 1.125 instead of 1.25, and half of
+    the crops, not a third, come from a shrunken image.
+    """
+
+    def __init__(self, low: float, high: float, sampling: str = "uniform") -> None:
         super().__init__()
         if not 0 < low <= high:
             raise DataError(
                 f"scale range [{low}, {high}] needs 0 < min <= max; fix data.scale_range"
             )
-        self.low, self.high = float(low), float(high)
+        if sampling not in SCALE_SAMPLINGS:
+            raise DataError(
+                f"data.scale_sampling={sampling!r}: choose one of {', '.join(SCALE_SAMPLINGS)}"
+            )
+        if sampling == "split" and not low <= 1.0 <= high:
+            raise DataError(
+                f"data.scale_sampling=split needs a scale range that contains 1, "
+                f"not [{low}, {high}]"
+            )
+        self.low, self.high, self.sampling = float(low), float(high), sampling
+
+    def draw_factor(self) -> float:
+        """One scale factor from torch's global generator (seeded per worker)."""
+        low, high = self.low, self.high
+        if self.sampling == "split":
+            low, high = (low, 1.0) if float(torch.rand(())) < 0.5 else (1.0, high)
+        return low + (high - low) * float(torch.rand(()))
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         """Draw one scale factor for the image and its mask together."""
         height, width = query_size(flat_inputs)
-        factor = self.low + (self.high - self.low) * float(torch.rand(()))
+        factor = self.draw_factor()
         return {"size": [max(1, round(height * factor)), max(1, round(width * factor))]}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
@@ -86,16 +111,18 @@ def _mean_std(cfg: DataConfig) -> tuple[list[float], list[float]]:
 
 
 def train_transform(cfg: DataConfig) -> PairTransform:
-    """Random rescale, normalise, random crop (padded: image 0, mask ignore), optional flip."""
+    """Random rescale (``data.scale_sampling``), normalise, random crop (padded: image 0, mask
+    ignore), optional flip."""
     mean, std = _mean_std(cfg)
     if cfg.crop_size <= 0:
         raise DataError(f"data.crop_size={cfg.crop_size} must be > 0")
     if len(cfg.scale_range) != 2:
         raise DataError("data.scale_range must be [min, max]")
+    low, high = cfg.scale_range
     steps: list[v2.Transform] = [
         v2.ToImage(),
         # Resizing uint8 is the fast CPU path; the float conversion follows.
-        RandomRescale(*cfg.scale_range),
+        RandomRescale(low, high, cfg.scale_sampling),
         v2.ToDtype(torch.float32, scale=True),
         # Cropping before normalising saves work on upscaled images; padding with the mean
         # makes padded pixels exactly 0 after normalisation, as if padded afterwards.

@@ -22,7 +22,16 @@ from protoseg.distributed import all_reduce_sum, get_dist_info
 from protoseg.files import atomic_write
 from protoseg.inference.core import infer_logits
 
-__all__ = ["ConfusionMatrix", "EvalResult", "evaluate", "format_table", "save_result"]
+MIOU_DEFINITIONS = ("nanmean", "release")
+
+__all__ = [
+    "MIOU_DEFINITIONS",
+    "ConfusionMatrix",
+    "EvalResult",
+    "evaluate",
+    "format_table",
+    "save_result",
+]
 
 
 class ConfusionMatrix:
@@ -87,9 +96,22 @@ class ConfusionMatrix:
         nan = torch.full_like(inter, float("nan"))
         return torch.where(union > 0, inter / union.clamp(min=1), nan)
 
-    def miou(self) -> float:
-        """Mean IoU over the classes that occur, as a percentage (NaN when nothing was counted)."""
-        return float(torch.nanmean(self.iou()) * 100.0)
+    def miou(self, definition: str = "nanmean") -> float:
+        """Mean IoU as a percentage (``eval.miou``; NaN when nothing was counted).
+
+        ``"nanmean"`` averages over the classes present in the ground truth or the prediction.
+        ``"release"`` is U2PL's (and the PCR release's) intersection / (union + 1e-10)
+        averaged over all classes, so a class absent from both counts as 0; the two agree
+        whenever every class occurs, as on the full VOC and Cityscapes val sets.
+        """
+        if definition not in MIOU_DEFINITIONS:
+            raise ValueError(f"unknown mIoU definition {definition!r}: {MIOU_DEFINITIONS}")
+        if definition == "nanmean" or int(self.matrix.sum()) == 0:
+            return float(torch.nanmean(self.iou()) * 100.0)
+        m = self.matrix.double()
+        inter = m.diagonal()
+        union = m.sum(0) + m.sum(1) - inter
+        return float((inter / (union + 1e-10)).mean() * 100.0)
 
     def pixel_accuracy(self) -> float:
         """Share of counted pixels predicted correctly, as a percentage (NaN when none)."""
@@ -160,7 +182,7 @@ def evaluate(
     all_reduce_sum(images)
     iou = cm.iou()
     return EvalResult(
-        miou=cm.miou(),
+        miou=cm.miou(cfg.miou),
         iou=[float(v) * 100.0 for v in iou.tolist()],
         pixel_acc=cm.pixel_accuracy(),
         num_images=int(images.item()),

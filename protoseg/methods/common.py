@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from protoseg.components import InitContext, SupervisedObjective
+from protoseg.components import EMATeacher, InitContext, SupervisedObjective
 from protoseg.config import Config, MethodConfig
 from protoseg.methods.protocol import Batch, Deployment, StepOutput
 
@@ -42,9 +42,13 @@ class MethodBase(nn.Module):
         self._forward: list[nn.Module] = [model]
 
     def setup(self, steps_per_epoch: int) -> None:
-        """Derive the warm-up length from the method's ``warmup_epochs``, if it has one."""
+        """Derive the warm-up length from the method's ``warmup_epochs``, if it has one, and
+        tell every EMA teacher of the method the epoch length (its EMA start may need it)."""
         epochs = getattr(self.config, "warmup_epochs", 0.0)
         self.warmup_steps = warmup_steps(epochs, steps_per_epoch)
+        for module in self.modules():
+            if isinstance(module, EMATeacher):
+                module.setup(steps_per_epoch)
 
     def set_student_forward(self, module: nn.Module) -> None:
         """Run the student through ``module`` (a DDP/compiled wrapper of ``student``)."""

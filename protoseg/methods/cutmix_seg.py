@@ -47,7 +47,7 @@ class CutMixSeg(MethodBase):
     def __init__(self, model: torch.nn.Module, cfg: Config) -> None:
         super().__init__(model, cfg)
         self.config: CutMixSegConfig = cfg.method
-        self.teacher = EMATeacher(model, self.config.ema_decay, self.config.teacher_bn)
+        self.teacher = EMATeacher.from_settings(model, self.config)
 
     def training_step(self, labeled: Batch, unlabeled: Batch | None, step: int) -> StepOutput:
         """Supervised loss, plus the masked CE on the mixed unlabelled view after warm-up."""
@@ -62,8 +62,11 @@ class CutMixSeg(MethodBase):
             c.strong_aug, c.mix_prob, x_u, labels, conf, valid
         )
         keep = confident(conf_m, c.confidence_threshold, valid_m)
-        # One student pass over labelled and mixed images, as in the release.
-        out_l, out_u = split_outputs(self.run_student(torch.cat([x_l, x_m])), x_l.shape[0])
+        # One student pass over labelled and mixed images, as in the release; with
+        # teacher_bn=student_batch the teacher's BN statistics then move on the same batch.
+        x_all = torch.cat([x_l, x_m])
+        out_l, out_u = split_outputs(self.run_student(x_all), x_l.shape[0])
+        self.teacher.refresh_bn(x_all)
         loss_sup, logs = self.supervised_loss(out_l, y_l)
         loss_unsup = masked_cross_entropy(out_u["logits"], y_m, keep, valid_m)
         return {

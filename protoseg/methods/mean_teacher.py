@@ -39,7 +39,7 @@ class MeanTeacher(MethodBase):
     def __init__(self, model: torch.nn.Module, cfg: Config) -> None:
         super().__init__(model, cfg)
         self.config: MeanTeacherConfig = cfg.method
-        self.teacher = EMATeacher(model, self.config.ema_decay, self.config.teacher_bn)
+        self.teacher = EMATeacher.from_settings(model, self.config)
 
     def training_step(self, labeled: Batch, unlabeled: Batch | None, step: int) -> StepOutput:
         """Supervised loss plus the weighted consistency loss after warm-up."""
@@ -48,7 +48,10 @@ class MeanTeacher(MethodBase):
         x_l, y_l, x_u = labeled["image"], labeled["mask"], unlabeled["image"]
         target = torch.softmax(self.teacher.predict(x_u)["logits"].float(), dim=1)
         noisy = x_u + self.config.noise_std * torch.randn_like(x_u)
-        out_l, out_u = split_outputs(self.run_student(torch.cat([x_l, noisy])), x_l.shape[0])
+        # With teacher_bn=student_batch the teacher's BN statistics move on the student's batch.
+        x_all = torch.cat([x_l, noisy])
+        out_l, out_u = split_outputs(self.run_student(x_all), x_l.shape[0])
+        self.teacher.refresh_bn(x_all)
         loss_sup, logs = self.supervised_loss(out_l, y_l)
         pred = torch.softmax(out_u["logits"].float(), dim=1)
         valid = valid_pixels(unlabeled, x_u)

@@ -68,7 +68,7 @@ class PCR(MethodBase):
         super().__init__(model, cfg)
         self.config: PCRConfig = cfg.method
         c = self.config
-        self.teacher = EMATeacher(model, c.ema_decay, c.teacher_bn)
+        self.teacher = EMATeacher.from_settings(model, self.config)
         feature_dim: int = model.feature_dim  # type: ignore[assignment]
         self.branch = PrototypeBranch(
             c.prototypes, self.num_classes, feature_dim, self.ignore_index
@@ -97,8 +97,11 @@ class PCR(MethodBase):
             c.strong_aug, c.mix_prob, x_u, labels, conf, valid
         )
         keep = confident(conf_m, c.confidence_threshold, valid_m)
-        # 3. One student pass over labelled and mixed images.
-        out_l, out_u = split_outputs(self.run_student(torch.cat([x_l, x_m])), x_l.shape[0])
+        # 3. One student pass over labelled and mixed images; with teacher_bn=student_batch
+        # the teacher's BN statistics then move on the same batch (U2PL's loop).
+        x_all = torch.cat([x_l, x_m])
+        out_l, out_u = split_outputs(self.run_student(x_all), x_l.shape[0])
+        self.teacher.refresh_bn(x_all)
         loss = y_l.new_zeros((), dtype=torch.float32)
         logs: dict = {}
         # 4. The linear predictor's losses (Eqs. 4, 6).

@@ -118,6 +118,8 @@ class DeepLabV3Plus(nn.Module):
         )
         self.aux: nn.Module | None = None
         if aux_head:
+            # No bias on the 3x3 conv, as in the released Cityscapes checkpoints, so they load
+            # name for name; U2PL's Aux_Module has one, which the BatchNorm after it cancels.
             self.aux = nn.Sequential(
                 *_conv_bn_relu(mid_ch, head_channels, 3),
                 nn.Dropout2d(AUX_DROPOUT),
