@@ -6,6 +6,7 @@ import csv
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,8 +16,20 @@ from PIL import Image
 
 from protoseg.analysis.discrimination import _sample_map, scatter_traces, select_pixels
 from protoseg.analysis.export import export_onnx, sidecar_path
-from protoseg.analysis.infer import predict_paths
-from protoseg.analysis.qualitative import load_val_examples
+from protoseg.analysis.infer import overlay, predict_paths
+from protoseg.analysis.legend import legend_entries
+from protoseg.analysis.qualitative import grid_figure, load_val_examples, prediction_grid, pyplot
+from protoseg.analysis.report import (
+    WARMUP_LABEL,
+    curve_data,
+    curves_figure,
+    miou_bar_chart,
+    miou_figure,
+    miou_title,
+    read_curves,
+    training_curves,
+    write_demo_report,
+)
 from protoseg.cli import main
 from protoseg.cli.sweep import collect, plan_sweep, split_values
 from protoseg.config import ConfigError, load_config
@@ -115,7 +128,9 @@ def test_predict_folder_writes_masks_and_overlays(predictor: Predictor, tmp_path
         mask = Image.open(out / f"{name}.png")
         assert mask.mode == "P" and mask.size == size
         assert np.asarray(mask).max() < NUM_CLASSES
-        assert Image.open(out / "overlay" / f"{name}.jpg").size == (2 * size[0], size[1])
+        # Image | overlay on top, the legend strip below (wider than a tiny pair if need be).
+        width, height = Image.open(out / "overlay" / f"{name}.jpg").size
+        assert width >= 2 * size[0] and height > size[1]
     # The batched result equals the one-image API on the same file.
     single = predictor.predict(Image.open(folder / "photo.jpg"))
     np.testing.assert_array_equal(np.asarray(Image.open(out / "photo.png")), single)
@@ -295,6 +310,10 @@ def test_qualitative_cli(tiny: dict[str, Path], tmp_path: Path) -> None:
     cfg = load_config("synthetic/pcr.yaml", [f"data.root={tiny['root']}"])
     names, images, masks = load_val_examples(cfg, count=2, seed=1)
     assert len(names) == 2 and images[0].size == masks[0].shape[::-1]
+    # The report's grid takes the split's first images, `analyze qualitative` a seeded draw.
+    first, _, _ = load_val_examples(cfg, count=4, seed=None)
+    assert first == [f"val_{i:05d}" for i in range(4)]
+    assert load_val_examples(cfg, count=4, seed=0)[0] != first
     with pytest.raises(ValueError, match="not in the validation split"):
         load_val_examples(cfg, names=["no_such_image"])
     out = tmp_path / "grid.png"
@@ -302,6 +321,193 @@ def test_qualitative_cli(tiny: dict[str, Path], tmp_path: Path) -> None:
     args += ["--names", "a,b", *_cfg_args(tiny), "--images", ",".join(names), "--out", str(out)]
     assert main(args) == 0
     _assert_png(out)
+
+
+# ---- report figures and legends (fake histories, masks and predictors: no training) ----------
+def _pcr_like_history(warmup_end: int = 30) -> list[dict[str, float]]:
+    """Warm-up lines with the supervised terms only, then the unlabelled terms switch on."""
+    history: list[dict[str, float]] = []
+    for step in range(10, 70, 10):
+        entry = {"step": step, "loss_sup": 1.0 / step, "lr": 0.01, "grad_norm": 2.0}
+        if step >= warmup_end:
+            entry |= {"loss_unsup": 0.2, "loss_proto_sup": 0.5, "confident_fraction": 0.8}
+        entry["loss"] = sum(v for k, v in entry.items() if k.startswith("loss_"))
+        history.append(entry)
+        if step % 20 == 0:
+            history.append({"step": step, "val_miou_linear": step / 2, "val_miou_prototype": 1.0})
+    return history
+
+
+def _supervised_history() -> list[dict[str, float]]:
+    return [{"step": s, "loss": 1.0 / s, "loss_sup": 1.0 / s, "lr": 0.01} for s in (10, 20, 30)]
+
+
+def test_curve_data_splits_terms_and_finds_warmup_end() -> None:
+    curves = curve_data("pcr", _pcr_like_history(warmup_end=30))
+    # The total first, then the terms as they appear; lr, grad_norm, fractions are not terms.
+    assert list(curves.losses) == ["loss", "loss_sup", "loss_unsup", "loss_proto_sup"]
+    assert curves.losses["loss_sup"][0] == [10, 20, 30, 40, 50, 60]
+    assert curves.losses["loss_unsup"] == ([30, 40, 50, 60], [0.2] * 4)
+    assert curves.losses["loss"][1][2] == pytest.approx(1 / 30 + 0.7)
+    assert curves.val_miou == {
+        "linear": ([20, 40, 60], [10.0, 20.0, 30.0]),
+        "prototype": ([20, 40, 60], [1.0, 1.0, 1.0]),
+    }
+    assert curves.warmup_end == 30
+    assert curve_data("pcr", _pcr_like_history(warmup_end=50)).warmup_end == 50
+    # No warm-up: all terms from the first line on; a supervised run never changes terms.
+    assert curve_data("pcr", _pcr_like_history(warmup_end=0)).warmup_end is None
+    assert curve_data("supervised", _supervised_history()).warmup_end is None
+
+
+def _fake_run(folder: Path, name: str, history: list | None, **fields: object) -> SimpleNamespace:
+    folder.mkdir(parents=True)
+    if history is not None:
+        (folder / "history.json").write_text(json.dumps(history))
+    defaults: dict[str, object] = {"miou": 40.0, "labeled": 16, "seed": 0}
+    return SimpleNamespace(name=name, out_dir=str(folder), **(defaults | fields))
+
+
+def test_training_curves_one_line_per_term_and_warmup_marker(tmp_path: Path) -> None:
+    rows = [
+        _fake_run(tmp_path / "sup", "supervised", _supervised_history()),
+        _fake_run(tmp_path / "pcr", "pcr", _pcr_like_history(warmup_end=40)),
+        _fake_run(tmp_path / "lost", "no_history", None),
+    ]
+    runs = read_curves(rows)
+    assert [r.name for r in runs] == ["supervised", "pcr"]
+    fig = curves_figure(runs)
+    sup_ax, pcr_ax, val_ax = fig.axes[:3]
+
+    def labels(ax) -> list[str]:
+        return [line.get_label() for line in ax.get_lines()]
+
+    assert labels(sup_ax) == ["loss", "loss_sup"]
+    assert labels(pcr_ax) == ["loss", "loss_sup", "loss_unsup", "loss_proto_sup", WARMUP_LABEL]
+    marker = pcr_ax.get_lines()[-1]
+    assert list(marker.get_xdata()) == [40, 40]
+    # A term keeps its colour from panel to panel.
+    assert sup_ax.get_lines()[1].get_color() == pcr_ax.get_lines()[1].get_color()
+    # The supervised run logged no validation; the one warm-up step is marked once.
+    assert labels(val_ax)[:2] == ["pcr (linear)", "pcr (prototype)"]
+    assert [list(line.get_xdata()) for line in val_ax.get_lines()[2:]] == [[40, 40]]
+    assert not any(ax.get_visible() for ax in fig.axes[3:4])  # the unused 4th cell
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend[0] == "loss (total)" and "loss_proto_sup" in legend
+    assert legend[-1].startswith(WARMUP_LABEL)
+    pyplot().close(fig)
+    _assert_png(training_curves(rows, tmp_path / "curves.png"))
+
+
+def test_miou_chart_title_names_labels_iterations_seed(tmp_path: Path) -> None:
+    rows = [
+        _fake_run(tmp_path / "a", "supervised", None, seed=3),
+        _fake_run(tmp_path / "b", "pcr", _pcr_like_history(), seed=3, miou=45.0),
+    ]
+    (tmp_path / "a" / "config.yaml").write_text("train:\n  iterations: 600\n")
+    (tmp_path / "b" / "config.yaml").write_text("train:\n  iterations: 600\n")
+    fig = miou_figure(rows)
+    title = fig.axes[0].get_title()
+    pyplot().close(fig)
+    assert "16 labelled images" in title and "600 iterations" in title and "seed 3" in title
+    _assert_png(miou_bar_chart(rows, tmp_path / "miou.png"))
+    # Epoch-based runs (iterations 0) count their last logged step; mixed values are listed.
+    (tmp_path / "b" / "config.yaml").write_text("train:\n  iterations: 0\n")
+    rows[1].labeled, rows[1].seed = 64, 4
+    assert miou_title(rows) == (
+        "Final validation mIoU: 16 / 64 labelled images, 600 / 60 iterations, seed 3 / 4"
+    )
+
+
+PALETTE = [(200, 30, 40), (30, 160, 60), (40, 60, 210), (220, 180, 20), (150, 40, 170)]
+NAMES = ["background", "disc", "bar", "ring", "cross"]
+
+
+def test_legend_entries_are_the_classes_present() -> None:
+    masks = [np.array([[0, 3], [3, 255]]), np.array([[3, 7]])]
+    entries = legend_entries(masks, NAMES, PALETTE, ignore_index=255)
+    assert [e.label for e in entries] == ["background", "ring", "class 7", "ignored"]
+    assert entries[1].color == PALETTE[3] and entries[2].color == (0, 0, 0)
+    assert [e.label for e in legend_entries(masks[1:], NAMES, PALETTE)] == ["ring", "class 7"]
+
+
+def _strip_colors(image: Image.Image, top: int) -> set[tuple[int, int, int]]:
+    pixels = np.asarray(image)[top:].reshape(-1, 3)
+    return {tuple(int(v) for v in p) for p in np.unique(pixels, axis=0)}
+
+
+def test_overlay_legend_strip_lists_the_mask_classes() -> None:
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (30, 80, 3), dtype=np.uint8))
+    mask = np.zeros((30, 80), dtype=np.uint8)
+    mask[5:15, 10:30], mask[20:, 50:] = 2, 4
+    out = overlay(image, mask, PALETTE, class_names=NAMES)
+    assert out.width == 160 and out.height > 30
+    np.testing.assert_array_equal(np.asarray(out)[:30, :80], np.asarray(image))
+    # Swatches carry the exact class colours; text is grey on white, so no other colour
+    # of the palette can appear in the strip.
+    colors = _strip_colors(out, 30)
+    assert {PALETTE[0], PALETTE[2], PALETTE[4]} <= colors
+    assert not {PALETTE[1], PALETTE[3]} & colors
+    # A pair too narrow for a label widens the canvas instead of cutting the label.
+    tiny = overlay(image.crop((0, 0, 6, 6)), mask[:6, :6], PALETTE, class_names=NAMES)
+    assert tiny.width > 12 and _strip_colors(tiny, 6) & set(PALETTE) == {PALETTE[0]}
+
+
+class _FixedPredictor:
+    """Stands in for a Predictor: the same mask for every image."""
+
+    class_names = NAMES
+    palette = PALETTE
+
+    def __init__(self, mask: np.ndarray) -> None:
+        self.mask = mask
+
+    def predict(self, image: Image.Image, eval_cfg: object = None) -> np.ndarray:
+        return self.mask
+
+
+def test_prediction_grid_has_one_legend_of_the_classes_shown(tmp_path: Path) -> None:
+    images = [Image.new("RGB", (8, 6), (90, 90, 90))] * 2
+    truths = [np.full((6, 8), 1, np.uint8), np.full((6, 8), 1, np.uint8)]
+    truths[1][0, 0] = 255
+    predictors = {
+        "a": _FixedPredictor(np.full((6, 8), 3, np.uint8)),
+        "b": _FixedPredictor(np.full((6, 8), 1, np.uint8)),
+    }
+    fig = grid_figure(predictors, images, truths, PALETTE, title="first 2")
+    assert len(fig.legends) == 1
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["disc", "ring", "ignored"]
+    assert fig.get_suptitle() == "first 2"
+    pyplot().close(fig)
+    without_ignored = grid_figure(predictors, images[:1], truths[:1], PALETTE)
+    legend = without_ignored.legends[0].get_texts()
+    assert [t.get_text() for t in legend] == ["disc", "ring"]
+    pyplot().close(without_ignored)
+    _assert_png(prediction_grid(predictors, images, truths, PALETTE, tmp_path / "grid.png"))
+
+
+def test_demo_report_from_a_run_folder(tiny: dict[str, Path], tmp_path: Path) -> None:
+    cfg = load_config("synthetic/pcr.yaml", [f"data.root={tiny['root']}"])
+    row = SimpleNamespace(
+        name="pcr",
+        labeled=6,
+        seed=0,
+        miou=12.5,
+        best_miou=12.5,
+        iou=[12.5] * NUM_CLASSES,
+        seconds=1.0,
+        out_dir=str(tiny["run"]),
+        head="linear",
+    )
+    report = write_demo_report(tmp_path, [row], [f"c{i}" for i in range(NUM_CLASSES)], cfg, 2)
+    text = report.read_text()
+    for name in ("miou.png", "curves.png", "predictions.png"):
+        assert f"]({name})" in text
+        _assert_png(tmp_path / name)
+    # The 3-step fixture ran without warm-up (warmup_epochs=0): nothing to mark.
+    assert read_curves([row])[0].warmup_end is None
+    assert "3 iterations" in miou_title([row]) and "6 labelled images" in miou_title([row])
 
 
 # ---- sweep -----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from protoseg.analysis.legend import legend_entries, legend_strip
 from protoseg.config import EvalConfig
 from protoseg.data import colorize, image_size, read_rgb, save_mask_png, to_rgb
 from protoseg.inference import Predictor
@@ -129,12 +130,21 @@ def overlay(
     mask: np.ndarray,
     palette: Sequence[tuple[int, int, int]],
     alpha: float = OVERLAY_ALPHA,
+    class_names: Sequence[str] = (),
 ) -> Image.Image:
-    """The image and, to its right, the image blended with the coloured mask."""
+    """The image and, to its right, the image blended with the coloured mask; below both, a
+    legend strip of the classes present in ``mask`` (ids without a name read ``class <id>``).
+    """
     rgb = np.asarray(to_rgb(image), dtype=np.float32)
     blend = (1.0 - alpha) * rgb + alpha * colorize(mask, palette).astype(np.float32)
-    side = np.concatenate([rgb, blend], axis=1)
-    return Image.fromarray(np.clip(side + 0.5, 0, 255).astype(np.uint8))
+    side = np.clip(np.concatenate([rgb, blend], axis=1) + 0.5, 0, 255).astype(np.uint8)
+    # Labels stay legible from thumbnails up to Cityscapes-sized frames.
+    font_size = max(12, round(0.035 * side.shape[0]))
+    strip = legend_strip(legend_entries([mask], class_names, palette), side.shape[1], font_size)
+    canvas = Image.new("RGB", (strip.width, side.shape[0] + strip.height), (255, 255, 255))
+    canvas.paste(Image.fromarray(side), (0, 0))
+    canvas.paste(strip, (0, side.shape[0]))
+    return canvas
 
 
 def _size_groups(
@@ -193,7 +203,7 @@ def predict_paths(
                     summary.failed.append((path, str(exc)))
             masks = predictor.predict_batch([image for image, _ in loaded], eval_cfg)
             for (image, name), mask in zip(loaded, masks):
-                _write(image, mask, name, out, predictor.palette, overlays, summary)
+                _write(image, mask, name, out, predictor, overlays, summary)
             bar.update(len(batch))
     finally:
         bar.close()
@@ -205,16 +215,17 @@ def _write(
     mask: np.ndarray,
     name: Path,
     out: Path,
-    palette: Sequence[tuple[int, int, int]],
+    predictor: Predictor,
     overlays: bool,
     summary: PredictSummary,
 ) -> None:
     # Appending keeps dots inside file names ("img.v2") that with_suffix would cut.
     mask_path = out / f"{name}.png"
-    save_mask_png(mask, mask_path, palette)
+    save_mask_png(mask, mask_path, predictor.palette)
     summary.masks.append(mask_path)
     if overlays:
         overlay_path = out / "overlay" / f"{name}.jpg"
         overlay_path.parent.mkdir(parents=True, exist_ok=True)
-        overlay(image, mask, palette).save(overlay_path, quality=90)
+        legended = overlay(image, mask, predictor.palette, class_names=predictor.class_names)
+        legended.save(overlay_path, quality=90)
         summary.overlays.append(overlay_path)
