@@ -75,11 +75,3 @@ class CutMixSeg(MethodBase):
             "loss_unsup": loss_unsup.detach(),
             "confident_fraction": confident_fraction(keep, valid_m),
         }
-
-    def after_optimizer_step(self, step: int) -> None:
-        """The teacher follows the student (a copy of it during the warm-up)."""
-        self.teacher.follow(self.student, step - self.warmup_steps)
-
-    def deployed_network(self) -> torch.nn.Module:
-        """The EMA teacher is the deployed model (Algorithm 1's output)."""
-        return self.teacher.network

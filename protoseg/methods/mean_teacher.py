@@ -59,11 +59,3 @@ class MeanTeacher(MethodBase):
         loss_cons = (squared * valid).sum() / valid.sum().clamp(min=1)
         loss = loss_sup + self.config.unsup_weight * loss_cons
         return {"loss": loss, **logs, "loss_consistency": loss_cons.detach()}
-
-    def after_optimizer_step(self, step: int) -> None:
-        """The teacher follows the student (a copy of it during the warm-up)."""
-        self.teacher.follow(self.student, step - self.warmup_steps)
-
-    def deployed_network(self) -> torch.nn.Module:
-        """The EMA teacher is the deployed model."""
-        return self.teacher.network

@@ -19,7 +19,6 @@ from torch import nn
 from protoseg.components import (
     PROTOTYPE_HEAD,
     EMATeacher,
-    InitContext,
     PrototypeBranch,
     PrototypeConfig,
     SelfTrainingSettings,
@@ -34,7 +33,7 @@ from protoseg.components import (
 from protoseg.config import Config, MethodConfig
 from protoseg.methods import register_method
 from protoseg.methods.common import MethodBase, split_outputs
-from protoseg.methods.protocol import Batch, Deployment, StepOutput
+from protoseg.methods.protocol import Batch, StepOutput
 
 
 @dataclass
@@ -65,14 +64,10 @@ class PCR(MethodBase):
     uses_unlabeled = True
 
     def __init__(self, model: nn.Module, cfg: Config) -> None:
-        super().__init__(model, cfg)
+        super().__init__(model, cfg)  # builds the prototype branch from method.prototypes
         self.config: PCRConfig = cfg.method
         c = self.config
         self.teacher = EMATeacher.from_settings(model, self.config)
-        feature_dim: int = model.feature_dim  # type: ignore[assignment]
-        self.branch = PrototypeBranch(
-            c.prototypes, self.num_classes, feature_dim, self.ignore_index
-        )
         # The primary head decides the best model and what eval reports first.
         self.heads = ("linear", PROTOTYPE_HEAD) if c.linear_head else (PROTOTYPE_HEAD, "linear")
         # Without the linear loss the classifier (and aux head) get no gradient.
@@ -90,7 +85,7 @@ class PCR(MethodBase):
         if c.linear_head:
             labels, conf = hard_labels(teacher_out["logits"])
         else:
-            labels, conf = self.branch.pseudo_label(teacher_out["features"], x_u.shape[-2:])
+            labels, conf = self.bank_branch().pseudo_label(teacher_out["features"], x_u.shape[-2:])
         # 2. The strong view: images, pseudo-labels and confidences mixed alike.
         valid = valid_pixels(unlabeled, x_u)
         x_m, y_m, conf_m, valid_m = strong_augment(
@@ -112,40 +107,15 @@ class PCR(MethodBase):
             logs["loss_unsup"] = loss_unsup.detach()
         # 5. The prototype predictor's losses (Eqs. 5, 7) and the bank's update (Eq. 11),
         #    on confident pseudo-labels only.
-        pseudo = torch.where(keep, y_m, torch.full_like(y_m, self.ignore_index))
-        loss_proto, proto_logs = self.branch.losses(
-            out_l["features"], out_u["features"], y_l, pseudo, valid_m, c.unsup_weight
+        loss_proto, proto_logs = self.prototype_losses(
+            out_l, out_u, y_l, y_m, keep, valid_m, c.unsup_weight
         )
         logs.update(proto_logs)
         logs["confident_fraction"] = confident_fraction(keep, valid_m)
         return {"loss": loss + loss_proto, **logs}
 
-    def after_optimizer_step(self, step: int) -> None:
-        """The teacher follows the student; the bank applies its pending update."""
-        self.branch.after_optimizer_step()
-        self.teacher.follow(self.student, step - self.warmup_steps)
-
-    def needs_init(self, step: int) -> bool:
-        """The bank needs its k-means initialisation once the warm-up is over."""
-        return step >= self.warmup_steps and not self.branch.initialized
-
-    def initialize(self, context: InitContext) -> None:
-        """Algorithm 2 on the student's features of the labelled set."""
-        self.branch.initialize(self.student, context)
-
-    def deployed_network(self) -> nn.Module:
-        """The EMA teacher is the deployed model (Algorithm 1's output)."""
-        return self.teacher.network
-
-    def inference_model(self, head: str = "linear") -> nn.Module:
-        """The teacher with its linear head, or with the prototype bank as classifier."""
-        self.check_head(head)
-        network = self.deployed_network()
-        return self.branch.head(network) if head == PROTOTYPE_HEAD else network
-
-    def deploy(self) -> Deployment:
-        """The teacher and the prototype head's bank."""
-        return {
-            "network": self.deployed_network(),
-            "heads": {PROTOTYPE_HEAD: self.branch.deploy_spec()},
-        }
+    def bank_branch(self) -> PrototypeBranch:
+        """PCR always has its prototype branch (its config's ``prototypes`` block)."""
+        if self.branch is None:
+            raise RuntimeError("PCR was built without its prototype branch")
+        return self.branch
