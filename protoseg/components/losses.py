@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -83,21 +85,18 @@ def masked_cross_entropy(logits: Tensor, target: Tensor, keep: Tensor, valid: Te
 
 
 class SupervisedObjective:
-    """The linear head's loss on labelled pixels plus the weighted auxiliary head's, if any.
+    """The linear head's loss on labelled pixels plus the weighted auxiliary head's, if any."""
 
-    Built from the ``train`` section (``loss``, OHEM settings, ``aux_weight``).
-    """
+    def __init__(self, criterion: SegmentationLoss, aux_weight: float = 0.0) -> None:
+        self.criterion, self.aux_weight = criterion, aux_weight
 
-    def __init__(
-        self,
-        kind: str = "ce",
-        ignore_index: int = 255,
-        ohem_threshold: float = 0.7,
-        ohem_min_kept: int = 50000,
-        aux_weight: float = 0.0,
-    ) -> None:
-        self.criterion = SegmentationLoss(kind, ignore_index, ohem_threshold, ohem_min_kept)
-        self.aux_weight = aux_weight
+    @classmethod
+    def from_train_config(cls, train: Any, ignore_index: int = 255) -> SupervisedObjective:
+        """The objective the ``train`` section asks for (``loss``, OHEM settings, aux weight)."""
+        criterion = SegmentationLoss(
+            train.loss, ignore_index, train.ohem_threshold, train.ohem_min_kept
+        )
+        return cls(criterion, train.aux_weight)
 
     def __call__(self, out: dict[str, Tensor], mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """(loss, logged terms) of a network output against (B, H, W) labels."""

@@ -41,10 +41,7 @@ class MethodBase(nn.Module):
         self.config: MethodConfig = cfg.method
         self.student = model
         self.num_classes, self.ignore_index = cfg.data.num_classes, cfg.data.ignore_index
-        t = cfg.train
-        self.supervised_loss = SupervisedObjective(
-            t.loss, cfg.data.ignore_index, t.ohem_threshold, t.ohem_min_kept, t.aux_weight
-        )
+        self.supervised_loss = SupervisedObjective.from_train_config(cfg.train, self.ignore_index)
         self.warmup_steps = 0
         # The module the student runs through (DDP or compiled); a list keeps it out of
         # the state dict, so checkpoints hold the plain network.
