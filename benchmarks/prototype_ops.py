@@ -114,6 +114,11 @@ def branch(bank, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def own_update(bank, feats: torch.Tensor, labels: torch.Tensor) -> None:
+    """Eq. 11 with the bank computing its own assignments (no similarities passed)."""
+    bank.update(feats, labels)
+
+
 def naive_branch(bank, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The same with the per-class loops."""
     logits = naive_logits(bank, feats)
@@ -147,11 +152,9 @@ def measure(
 
     fns: dict[str, Callable[[], object]] = {"product": lambda: feats @ normalized.T}
     for name in banks:
-        fns[f"branch/{name}"] = fresh(name, naive_branch if name == "loop" else branch)
-        loop_update = name == "loop"
-        fns[f"update/{name}"] = fresh(
-            name, (lambda b, x, y: naive_update(b, x, y)) if loop_update else _update
-        )
+        loop = name == "loop"
+        fns[f"branch/{name}"] = fresh(name, naive_branch if loop else branch)
+        fns[f"update/{name}"] = fresh(name, naive_update if loop else own_update)
     seconds = timed_together(fns, repeats, device)
 
     diffs = {}
@@ -193,10 +196,6 @@ def measure(
         row("branch", "similarity + logits + update"),
         row("update", "update alone (own assignment)"),
     ]
-
-
-def _update(bank, feats: torch.Tensor, labels: torch.Tensor) -> None:
-    bank.update(feats, labels)
 
 
 def main() -> None:
@@ -247,7 +246,8 @@ def main() -> None:
         start = time.perf_counter()
         bank.init_kmeans(feats, labels)
         seconds = time.perf_counter() - start
-        print(f"\nk-means init (scikit-learn, CPU), {args.kmeans_pixels:,} per class: {seconds:.2f} s")
+        pixels = f"{args.kmeans_pixels:,} per class"
+        print(f"\nk-means init (scikit-learn, CPU), {pixels}: {seconds:.2f} s")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -142,11 +143,14 @@ class PrototypeBank(nn.Module):
         n, m = cls.numel(), self.per_class
         if similarity is None:
             with torch.autocast(features.device.type, enabled=False):
-                # All C * M products cost less than gathering each pixel's own M prototypes
-                # (an (N, M, D) copy) or a loop over classes, on CPU and GPU alike.
+                # All C * M products: on CPU they measured cheaper than gathering each
+                # pixel's own M prototypes (an (N, M, D) copy) or a loop over classes.
                 products = features.float() @ self.normalized_prototypes().T
             similarity = products.view(n, self.num_classes, m)
-        own = similarity.detach().gather(1, cls.view(n, 1, 1).expand(n, 1, m))[:, 0]
+        # Row i * C + class of the (N * C, M) view: each pixel's own M, copied row by row
+        # (cheaper than gather with an expanded index, and no boolean mask).
+        rows = torch.arange(n, device=cls.device) * self.num_classes + cls
+        own = similarity.detach().reshape(n * self.num_classes, m).index_select(0, rows)
         slot = cls * m + own.argmax(dim=1)
         return torch.where(valid, slot, self.num_slots)
 
@@ -276,7 +280,9 @@ class PrototypeBank(nn.Module):
         self.accumulate(features, labels, similarity, rule)
         return self.apply_pending()
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # type: ignore[no-untyped-def]
+    def _save_to_state_dict(
+        self, destination: dict[str, Any], prefix: str, keep_vars: bool
+    ) -> None:
         # Pending sums are not saved; saving while some are pending loses them on resume.
         if self.has_pending:
             warnings.warn(
@@ -392,11 +398,6 @@ def _neighbour_gram(features: Tensor) -> Tensor:
     return gram
 
 
-def _taps_at(maps: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """maps[..., rows, cols] on the grid of ``rows`` x ``cols`` (both 1-D)."""
-    return maps.index_select(-2, rows).index_select(-1, cols)
-
-
 def prototype_logits_full_res(
     bank: PrototypeBank, features: Tensor, size: tuple[int, int], rows_per_chunk: int = 64
 ) -> Tensor:
@@ -407,11 +408,14 @@ def prototype_logits_full_res(
     linear, so a pixel's dot products with the prototypes are the upsampled low-resolution
     dot products; its squared norm is not linear but is the quadratic form of its four
     source pixels' weights with their pairwise dot products (:func:`_neighbour_gram`).
-    The output is produced ``rows_per_chunk`` rows at a time.
+    Both are interpolated along x once, at the source rows, then along y for
+    ``rows_per_chunk`` output rows at a time.
 
     Memory bound, in fp32 elements, with K = C * M and R = rows_per_chunk: the B * C * H * W
-    logits; B * (K + 5) * h * w low-resolution products, plus one B * D * h * w temporary
-    while they are computed; about 6 * B * K * R * W per chunk. No tensor is D * H * W.
+    logits; B * D * h * w for one temporary and B * (K + 5) * h * w while the
+    low-resolution products are computed; B * (K + 12) * h * W while they are interpolated
+    along x; about 4 * B * K * R * W per chunk. No tensor has D * H * W elements (for a
+    stride-4 map, nothing but the logits is larger than a quarter of B * K * H * W).
     Returns fp32 logits whatever the autocast context.
     """
     if rows_per_chunk < 1:
@@ -421,35 +425,37 @@ def prototype_logits_full_res(
         raise ValueError(f"features must be (B, {bank.dim}, h, w), got {tuple(features.shape)}")
     height, width = size
     c, m = bank.num_classes, bank.per_class
+    k = c * m
     device = features.device
     with torch.autocast(device.type, enabled=False):
         f = features.float()
-        dots = (bank.normalized_prototypes() @ f.reshape(b, d, h * w)).view(b, c * m, h, w)
+        dots = bank.normalized_prototypes() @ f.reshape(b, d, h * w)  # (B, K, h * w)
         gram = _neighbour_gram(f)
+        # Along x, at the h source rows (F.interpolate in 1-D is the same interpolation).
+        dots_x = F.interpolate(dots.view(b, k * h, w), width, mode="linear", align_corners=True)
+        dots_x = dots_x.view(b, k, h, width)
+        del f, dots
         x0, x1, wx = _bilinear_taps(torch.arange(width, device=device), width, w)
-        all_y0, all_y1, all_wy = _bilinear_taps(torch.arange(height, device=device), height, h)
         ux = 1 - wx
+        g0, g1 = gram.index_select(3, x0), gram.index_select(3, x1)  # (B, 5, h, W)
+        # For each source row y: |ux f(y,x0) + wx f(y,x1)|^2, and the dot product of that
+        # interpolated feature with row y + 1's.
+        sq_row = ux * ux * g0[:, 0] + wx * wx * g1[:, 0] + 2 * ux * wx * g0[:, 1]
+        cross = ux * ux * g0[:, 2] + wx * wx * g1[:, 2] + ux * wx * (g0[:, 3] + g0[:, 4])
+        del gram, g0, g1
+        all_y0, all_y1, all_wy = _bilinear_taps(torch.arange(height, device=device), height, h)
         out = torch.empty(b, c, height, width, device=device)
         for r0 in range(0, height, rows_per_chunk):
             rows = slice(r0, min(r0 + rows_per_chunk, height))
             y0, y1, wy = all_y0[rows], all_y1[rows], all_wy[rows, None]
             uy = 1 - wy
-            top = _taps_at(dots, y0, x0) * ux + _taps_at(dots, y0, x1) * wx
-            bottom = _taps_at(dots, y1, x0) * ux + _taps_at(dots, y1, x1) * wx
-            num = top * uy + bottom * wy  # (B, K, R, W), the upsampled dot products
-            # |sum_i w_i f_i|^2 = sum_ij w_i w_j f_i.f_j over the corners 00, 01, 10, 11.
-            g00 = _taps_at(gram, y0, x0)
-            g01 = _taps_at(gram[:, 0:3:2], y0, x1)  # |f01|^2, f01.f11
-            g10 = _taps_at(gram[:, 0:2], y1, x0)  # |f10|^2, f10.f11
-            g11 = _taps_at(gram[:, 0], y1, x1)
-            sq_top = ux * ux * g00[:, 0] + wx * wx * g01[:, 0] + 2 * ux * wx * g00[:, 1]
-            sq_bottom = ux * ux * g10[:, 0] + wx * wx * g11 + 2 * ux * wx * g10[:, 1]
-            cross = ux * ux * g00[:, 2] + wx * wx * g01[:, 1] + ux * wx * (g00[:, 3] + g00[:, 4])
-            sq = uy * uy * sq_top + wy * wy * sq_bottom + 2 * uy * wy * cross
-            # clamp_min(0): rounding can make a near-zero square slightly negative.
+            num = dots_x.index_select(2, y0) * uy + dots_x.index_select(2, y1) * wy
+            sq = uy * uy * sq_row.index_select(1, y0) + wy * wy * sq_row.index_select(1, y1)
+            sq = sq + 2 * uy * wy * cross.index_select(1, y0)
+            # clamp_min(0): rounding can leave a near-zero square slightly negative.
             norm = sq.clamp_min(0).sqrt().clamp_min(1e-12)  # F.normalize's eps
-            sims = num / norm[:, None]
-            out[:, :, rows] = sims.view(b, c, m, *sims.shape[-2:]).amax(2) / bank.temperature
+            sims = (num / norm[:, None]).view(b, c, m, -1, width)
+            out[:, :, rows] = sims.amax(2) / bank.temperature
     return out
 
 
@@ -483,20 +489,30 @@ def gather_features(features: Tensor, coords: Tensor, size: tuple[int, int]) -> 
     """Features of a (B, D, h, w) map at input-resolution pixels ``coords`` (N, 2) -> (B, N, D).
 
     Equal to bilinearly upsampling the map to ``size`` with align_corners=True and picking
-    the pixels, without materialising the (B, D, H, W) tensor. The four source pixels of
-    each pick are read in the map's own dtype and only they are cast: the result is fp32,
-    and a bf16 map under autocast is not first copied whole to fp32 (as grid_sample would
-    be). Gradients flow to ``features``.
+    the pixels, without materialising the (B, D, H, W) tensor. The result is fp32 and
+    gradients flow to ``features``. A bf16 or fp16 map (under autocast) is read in its own
+    dtype: only the four source pixels of each pick are cast, where grid_sample would run
+    on an fp32 copy of the whole map (and a low-precision grid would misplace the picks).
     """
     height, width = size
     b, d, h, w = features.shape
+    if features.dtype == torch.float32:
+        # grid_sample is the fastest exact path on CPU (several times faster than gathering
+        # the corners there), and an fp32 map needs no copy.
+        y = coords[:, 0].float()
+        x = coords[:, 1].float()
+        gx = 2 * x / max(width - 1, 1) - 1
+        gy = 2 * y / max(height - 1, 1) - 1
+        grid = torch.stack([gx, gy], dim=1)[None, :, None, :].expand(b, -1, -1, -1)
+        with torch.autocast(features.device.type, enabled=False):
+            sampled = F.grid_sample(features, grid, mode="bilinear", align_corners=True)
+        return sampled[..., 0].transpose(1, 2)  # (B, N, D)
     y0, y1, wy = _bilinear_taps(coords[:, 0], height, h)
     x0, x1, wx = _bilinear_taps(coords[:, 1], width, w)
     corners = torch.cat([y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1])
+    weights = torch.stack([(1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx])
     with torch.autocast(features.device.type, enabled=False):
-        picks = features.reshape(b, d, h * w).index_select(2, corners).view(b, d, 4, -1)
-        ux, uy = 1 - wx, 1 - wy
-        top = picks[:, :, 0].float() * ux + picks[:, :, 1].float() * wx
-        bottom = picks[:, :, 2].float() * ux + picks[:, :, 3].float() * wx
-        sampled = top * uy + bottom * wy  # (B, D, N)
+        index = corners.view(1, 1, -1).expand(b, d, -1)
+        picks = features.reshape(b, d, h * w).gather(2, index).view(b, d, 4, -1)
+        sampled = (picks.float() * weights).sum(2)  # (B, D, N)
     return sampled.transpose(1, 2)
