@@ -15,8 +15,12 @@ The operations are timed in interleaved rounds (one call of each per round) and 
 median is reported, so that a busy machine slows all of them alike. ``--baseline REV``
 adds a column for ``protoseg/prototypes.py`` as it was at git revision REV.
 
+``--profile`` prints torch.profiler's top operators of the branch instead (and of the
+baseline's, with ``--baseline``).
+
     python benchmarks/prototype_ops.py [--device cuda] [--repeats 7] [--threads N]
-                                       [--baseline REV] [--kmeans-pixels 2000]
+                                       [--sizes sampled,all] [--baseline REV] [--profile]
+                                       [--kmeans-pixels 2000]
 """
 
 from __future__ import annotations
@@ -198,6 +202,33 @@ def measure(
     ]
 
 
+def profile_branch(
+    label: str,
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    prototypes: torch.Tensor,
+    repeats: int,
+    modules: dict[str, ModuleType],
+) -> None:
+    """Print torch.profiler's top operators (self time) of ``repeats`` branch calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if feats.is_cuda:
+        activities.append(ProfilerActivity.CUDA)
+    sort_by = "self_cuda_time_total" if feats.is_cuda else "self_cpu_time_total"
+    for name, module in modules.items():
+        bank = module.PrototypeBank(*prototypes.shape).to(feats.device)
+        bank.prototypes.copy_(prototypes)
+        branch(bank, feats, labels)  # warm-up
+        with profile(activities=activities) as prof:
+            for _ in range(repeats):
+                bank.prototypes.copy_(prototypes)
+                branch(bank, feats, labels)
+        print(f"\n### {name}: similarity + logits + update, {label}, {repeats} calls\n")
+        print(prof.key_averages().table(sort_by=sort_by, row_limit=12))
+
+
 def main() -> None:
     """Print a Markdown table of median times and ratios."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -206,6 +237,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--baseline", default="", help="git revision to compare against")
     parser.add_argument("--sizes", default="sampled,all", help="sampled, all, or both")
+    parser.add_argument("--profile", action="store_true", help="profile the branch instead")
     parser.add_argument(
         "--kmeans-pixels", type=int, default=0, help="per class; 0 skips the k-means row"
     )
@@ -224,18 +256,25 @@ def main() -> None:
         + (f", baseline {args.baseline}" if baseline is not None else "")
         + "\n"
     )
+    modules = {"protoseg": sys.modules[PrototypeBank.__module__]}
+    if baseline is not None:
+        modules[f"baseline {args.baseline}"] = baseline
     header = ["pixels", "operation", "protoseg ms", "/ product", "per-class loop ms", "loop / new"]
     if baseline is not None:
         header += ["baseline ms", "baseline / product", "baseline / new"]
     header.append("max abs diff to loop")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    if not args.profile:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
     for key in args.sizes.split(","):
         label, n = sizes[key]
         feats = torch.randn(n, dim, generator=gen).to(device)
         labels = torch.randint(0, classes, (n,), generator=gen)
         labels[torch.rand(n, generator=gen) < 0.2] = 255
         prototypes = torch.randn(classes, per_class, dim, generator=gen).to(device)
+        if args.profile:
+            profile_branch(label, feats, labels.to(device), prototypes, args.repeats, modules)
+            continue
         rows = measure(label, feats, labels.to(device), prototypes, args.repeats, device, baseline)
         print("\n".join(rows), flush=True)
     if args.kmeans_pixels:

@@ -290,6 +290,24 @@ def test_accumulated_micro_batches_equal_one_update_on_the_concatenation(rule):
         assert (per_call.prototypes - whole.prototypes).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("rule", ["batch_mean", "per_pixel"])
+def test_accumulate_assigns_against_the_bank_before_the_step(rule):
+    bank = make_bank(c=1, m=2, d=2, momentum=0.5)
+    bank.prototypes.copy_(torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]))
+    first, second = torch.tensor([[-1.0, 0.1]]), torch.tensor([[0.6, 0.8]])
+    zero = torch.tensor([0])
+    # Both pixels are nearest to prototype 1 of the bank as it is; had the first moved
+    # prototype 1 to (-0.5, 0.55), the second would go to prototype 0 instead.
+    bank.accumulate(first, zero, rule=rule)
+    bank.accumulate(second, zero, rule=rule)
+    assert bank.apply_pending().tolist() == [[0.0, 2.0]]
+    assert torch.equal(bank.prototypes[0, 0], torch.tensor([1.0, 0.0]))
+    per_call = make_bank(c=1, m=2, d=2, momentum=0.5)
+    per_call.prototypes.copy_(torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]))
+    per_call.update(first, zero, rule)
+    assert per_call.update(second, zero, rule).tolist() == [[1.0, 0.0]]
+
+
 def test_accumulate_reuses_each_micro_batch_similarity():
     feats, labels, parts = _micro_batches()
     plain, reused = make_bank(), make_bank()
