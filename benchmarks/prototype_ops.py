@@ -1,23 +1,47 @@
-"""Prototype operations alone: protoseg's vectorised bank against a naive loop implementation.
+"""Prototype operations alone: protoseg's bank against the matrix product it is built on and
+against a per-class loop.
 
-Same inputs, same results (checked), at the paper's sizes: D = 512, C = 21, M = 4; 16 images x
-1,024 grid-sampled pixels (the training step), and every pixel of 16 stride-4 maps of a
-513 crop (129 x 129, what "all pixels" costs). The naive versions loop over classes and
-prototypes the way a first implementation would (one masked reduction per class/prototype).
+Same inputs, results checked, at the paper's sizes: D = 512, C = 21, M = 4, 20% of pixels
+ignored; 16 images x 1,024 grid-sampled pixels (the training step) and every pixel of 16
+stride-4 maps of a 513 crop (129 x 129, what "all pixels" costs). Rows:
 
-    python benchmarks/prototype_ops.py [--device cuda] [--repeats 5]
+- product alone: the (N, D) x (D, C * M) matrix product, the floor of the branch;
+- similarity + logits + update: the PCR branch (Eq. 2 logits, then Eq. 11's update reusing
+  the similarities), against the release's loop (per class: logits, then assignment and
+  mean per prototype);
+- update alone: ``bank.update`` computing its own assignments, against the per-class loop.
+
+The operations are timed in interleaved rounds (one call of each per round) and the
+median is reported, so that a busy machine slows all of them alike. ``--baseline REV``
+adds a column for ``protoseg/prototypes.py`` as it was at git revision REV.
+
+``--profile`` prints torch.profiler's top operators of the branch instead (and of the
+baseline's, with ``--baseline``).
+
+    python benchmarks/prototype_ops.py [--device cuda] [--repeats 7] [--threads N]
+                                       [--sizes sampled,all] [--baseline REV] [--profile]
+                                       [--kmeans-pixels 2000]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
 from protoseg.components.prototypes import PrototypeBank
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def naive_logits(bank: PrototypeBank, feats: torch.Tensor) -> torch.Tensor:
@@ -49,89 +73,220 @@ def naive_update(bank: PrototypeBank, feats: torch.Tensor, labels: torch.Tensor)
                 protos[c, m] = bank.momentum * protos[c, m] + (1 - bank.momentum) * assigned.mean(0)
 
 
-def timed(fn, repeats: int, device: torch.device) -> float:
-    """Median wall time of ``fn`` over ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+def load_baseline(rev: str) -> ModuleType:
+    """``protoseg/prototypes.py`` as it was at git revision ``rev``, as a module."""
+    source = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{rev}:protoseg/prototypes.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / "baseline_prototypes.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("baseline_prototypes", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def timed_together(
+    fns: dict[str, Callable[[], object]], repeats: int, device: torch.device
+) -> dict[str, float]:
+    """Median seconds of each function, called once per round for ``repeats`` rounds."""
+    for fn in fns.values():  # warm-up
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def compare(
+def branch(bank, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """PCR's prototype branch: similarities, Eq. 2 logits, Eq. 11 update reusing them."""
+    sims = bank.similarity(feats)
+    logits = bank.logits_from_similarity(sims)
+    bank.update(feats, labels, similarity=sims)
+    return logits
+
+
+def own_update(bank, feats: torch.Tensor, labels: torch.Tensor) -> None:
+    """Eq. 11 with the bank computing its own assignments (no similarities passed)."""
+    bank.update(feats, labels)
+
+
+def naive_branch(bank, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The same with the per-class loops."""
+    logits = naive_logits(bank, feats)
+    naive_update(bank, feats, labels)
+    return logits
+
+
+def measure(
     label: str,
     feats: torch.Tensor,
     labels: torch.Tensor,
     prototypes: torch.Tensor,
     repeats: int,
     device: torch.device,
-) -> None:
-    """Time and check logits and update against the naive loops; print two table rows."""
+    baseline: ModuleType | None,
+) -> list[str]:
+    """Time and check the three operations at one size; Markdown table rows."""
     classes, per_class, dim = prototypes.shape
-    bank = PrototypeBank(classes, per_class, dim).to(device)
-    bank.prototypes.copy_(prototypes)
-    fast = timed(lambda: bank.logits(feats), repeats, device)
-    slow = timed(lambda: naive_logits(bank, feats), repeats, device)
-    diff = (bank.logits(feats) - naive_logits(bank, feats)).abs().max().item()
-    print(
-        f"| logits (Eq. 2) | {label} | {fast:.4f} | {slow:.4f} | {slow / fast:.1f}x | {diff:.1e} |"
-    )
-    twin = PrototypeBank(classes, per_class, dim).to(device)
+    banks = {"new": PrototypeBank(classes, per_class, dim).to(device)}
+    banks["loop"] = PrototypeBank(classes, per_class, dim).to(device)
+    if baseline is not None:
+        banks["base"] = baseline.PrototypeBank(classes, per_class, dim).to(device)
+    normalized = F.normalize(prototypes, dim=2).reshape(-1, dim)
 
-    def run_fast():
+    def fresh(name: str, fn: Callable[..., object]) -> Callable[[], object]:
+        def run() -> object:
+            banks[name].prototypes.copy_(prototypes)  # every call starts from the same bank
+            return fn(banks[name], feats, labels)
+
+        return run
+
+    fns: dict[str, Callable[[], object]] = {"product": lambda: feats @ normalized.T}
+    for name in banks:
+        loop = name == "loop"
+        fns[f"branch/{name}"] = fresh(name, naive_branch if loop else branch)
+        fns[f"update/{name}"] = fresh(name, naive_update if loop else own_update)
+    seconds = timed_together(fns, repeats, device)
+
+    diffs = {}
+    for op in ("branch", "update"):
+        results = {}
+        for name in banks:
+            logits = fns[f"{op}/{name}"]()
+            results[name] = (logits, banks[name].prototypes.clone())
+        ref_logits, ref_protos = results["loop"]
+        diffs[op] = {}
+        for name in banks:
+            logits, protos = results[name]
+            diff = (protos - ref_protos).abs().max().item()
+            if op == "branch":
+                diff = max(diff, (logits - ref_logits).abs().max().item())
+            diffs[op][name] = diff
+    product = seconds["product"]
+
+    def row(op: str, title: str) -> str:
+        new, loop = seconds[f"{op}/new"], seconds[f"{op}/loop"]
+        cells = [
+            label,
+            title,
+            f"{new * 1e3:.1f}",
+            f"{new / product:.2f}x",
+            f"{loop * 1e3:.1f}",
+            f"{loop / new:.2f}x",
+        ]
+        if baseline is not None:
+            base = seconds[f"{op}/base"]
+            cells += [f"{base * 1e3:.1f}", f"{base / product:.2f}x", f"{base / new:.2f}x"]
+        cells.append(f"{max(d for n, d in diffs[op].items() if n != 'loop'):.1e}")
+        return "| " + " | ".join(cells) + " |"
+
+    empty = ["-"] * (3 if baseline is not None else 0)
+    product_cells = [label, "product alone (N,D)x(D,C*M)", f"{product * 1e3:.1f}", "1.00x"]
+    return [
+        "| " + " | ".join(product_cells + ["-", "-", *empty, "-"]) + " |",
+        row("branch", "similarity + logits + update"),
+        row("update", "update alone (own assignment)"),
+    ]
+
+
+def profile_branch(
+    label: str,
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    prototypes: torch.Tensor,
+    repeats: int,
+    modules: dict[str, ModuleType],
+) -> None:
+    """Print torch.profiler's top operators (self time) of ``repeats`` branch calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if feats.is_cuda:
+        activities.append(ProfilerActivity.CUDA)
+    sort_by = "self_cuda_time_total" if feats.is_cuda else "self_cpu_time_total"
+    for name, module in modules.items():
+        bank = module.PrototypeBank(*prototypes.shape).to(feats.device)
         bank.prototypes.copy_(prototypes)
-        bank.update(feats, labels)
-
-    def run_slow():
-        twin.prototypes.copy_(prototypes)
-        naive_update(twin, feats, labels)
-
-    fast = timed(run_fast, repeats, device)
-    slow = timed(run_slow, repeats, device)
-    diff = (bank.prototypes - twin.prototypes).abs().max().item()
-    print(
-        f"| update (Eq. 11) | {label} | {fast:.4f} | {slow:.4f} | {slow / fast:.1f}x | {diff:.1e} |"
-    )
+        branch(bank, feats, labels)  # warm-up
+        with profile(activities=activities) as prof:
+            for _ in range(repeats):
+                bank.prototypes.copy_(prototypes)
+                branch(bank, feats, labels)
+        print(f"\n### {name}: similarity + logits + update, {label}, {repeats} calls\n")
+        print(prof.key_averages().table(sort_by=sort_by, row_limit=12))
 
 
 def main() -> None:
-    """Print a Markdown table of median times and speed-ups."""
+    """Print a Markdown table of median times and ratios."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--kmeans-pixels", type=int, default=2000, help="per class")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--baseline", default="", help="git revision to compare against")
+    parser.add_argument("--sizes", default="sampled,all", help="sampled, all, or both")
+    parser.add_argument("--profile", action="store_true", help="profile the branch instead")
+    parser.add_argument(
+        "--kmeans-pixels", type=int, default=0, help="per class; 0 skips the k-means row"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    baseline = load_baseline(args.baseline) if args.baseline else None
     classes, per_class, dim = 21, 4, 512
     gen = torch.Generator().manual_seed(0)
-    sizes = {"16 x 1,024 sampled": 16 * 1024, "16 x 129 x 129 (all, crop 513)": 16 * 129 * 129}
+    sizes = {"sampled": ("16 x 1,024 sampled", 16 * 1024)}
+    sizes["all"] = ("16 x 129 x 129 (all, crop 513)", 16 * 129 * 129)
     print(
         f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"C={classes} M={per_class} D={dim}, median of {args.repeats}\n"
+        f"C={classes} M={per_class} D={dim}, median of {args.repeats} interleaved rounds"
+        + (f", baseline {args.baseline}" if baseline is not None else "")
+        + "\n"
     )
-    print("| operation | pixels | protoseg s | naive loop s | speed-up | max abs diff |")
-    print("|---|---|---|---|---|---|")
-    for label, n in sizes.items():
+    modules = {"protoseg": sys.modules[PrototypeBank.__module__]}
+    if baseline is not None:
+        modules[f"baseline {args.baseline}"] = baseline
+    header = ["pixels", "operation", "protoseg ms", "/ product", "per-class loop ms", "loop / new"]
+    if baseline is not None:
+        header += ["baseline ms", "baseline / product", "baseline / new"]
+    header.append("max abs diff to loop")
+    if not args.profile:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+    for key in args.sizes.split(","):
+        label, n = sizes[key]
         feats = torch.randn(n, dim, generator=gen).to(device)
         labels = torch.randint(0, classes, (n,), generator=gen)
         labels[torch.rand(n, generator=gen) < 0.2] = 255
-        prototypes = torch.randn(classes, per_class, dim, generator=gen)
-        compare(label, feats, labels.to(device), prototypes.to(device), args.repeats, device)
-    n = classes * args.kmeans_pixels
-    feats = torch.randn(n, dim, generator=gen)
-    labels = torch.arange(classes).repeat_interleave(args.kmeans_pixels)
-    bank = PrototypeBank(classes, per_class, dim)
-    seconds = timed(lambda: bank.init_kmeans(feats, labels), 1, torch.device("cpu"))
-    print(
-        f"| k-means init (scikit-learn, CPU) | {args.kmeans_pixels:,} per class | "
-        f"{seconds:.2f} | - | - | - |"
-    )
+        prototypes = torch.randn(classes, per_class, dim, generator=gen).to(device)
+        if args.profile:
+            profile_branch(label, feats, labels.to(device), prototypes, args.repeats, modules)
+            continue
+        rows = measure(label, feats, labels.to(device), prototypes, args.repeats, device, baseline)
+        print("\n".join(rows), flush=True)
+    if args.kmeans_pixels:
+        n = classes * args.kmeans_pixels
+        feats = torch.randn(n, dim, generator=gen)
+        labels = torch.arange(classes).repeat_interleave(args.kmeans_pixels)
+        bank = PrototypeBank(classes, per_class, dim)
+        start = time.perf_counter()
+        bank.init_kmeans(feats, labels)
+        seconds = time.perf_counter() - start
+        pixels = f"{args.kmeans_pixels:,} per class"
+        print(f"\nk-means init (scikit-learn, CPU), {pixels}: {seconds:.2f} s")
 
 
 if __name__ == "__main__":
