@@ -113,8 +113,32 @@ def test_pcr_updates_the_bank_and_trains_the_prototype_predictor():
     out = method.training_step(labeled, unlabeled, step=0)
     assert {"loss_sup", "loss_unsup", "loss_proto_sup", "loss_proto_unsup"} <= set(out)
     assert out["loss_proto_unsup"].item() > 0
-    assert not torch.equal(method.branch.bank.prototypes, before)
     assert out["prototypes_updated"] > 0
+    # The bank moves once per optimiser step, not per (micro-)batch.
+    assert torch.equal(method.branch.bank.prototypes, before)
+    method.after_optimizer_step(0)
+    assert not torch.equal(method.branch.bank.prototypes, before)
+
+
+def test_pcr_bank_is_the_same_with_gradient_accumulation():
+    """Two micro-batches of 2 move the bank as one batch of 4 does (issue: accumulation)."""
+    settings = ("method.mix_prob=0", "method.teacher_bn=copy", "method.prototypes.sample_grid=0")
+    labeled, unlabeled = batches(b=4)
+    banks = []
+    for splits in ((slice(0, 4),), (slice(0, 2), slice(2, 4))):
+        method, _ = TestPCR().build(*settings)
+        method.eval()  # BN and dropout see each image alike whatever the split
+        for part in splits:
+            method.training_step(
+                {k: v[part] for k, v in labeled.items()},
+                {k: v[part] for k, v in unlabeled.items()},
+                step=0,
+            )
+        method.after_optimizer_step(0)
+        banks.append(method.branch.bank.prototypes.clone())
+    before = TestPCR().build(*settings)[0].branch.bank.prototypes
+    assert not torch.equal(banks[0], before)
+    assert torch.allclose(banks[0], banks[1], atol=1e-6)
 
 
 def test_pcr_ablations():

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protoseg.components.losses import masked_cross_entropy
@@ -24,6 +23,7 @@ from protoseg.components.prototypes import (
     PrototypeBank,
     PrototypeSegmenter,
     gather_features,
+    prototype_logits_full_res,
     sample_grid_coords,
 )
 
@@ -152,21 +152,24 @@ class PrototypeBranch(nn.Module):
             logs["loss_proto_sup"] = loss_sup.detach()
             logs["loss_proto_unsup"] = loss_unsup.detach()
         if cfg.update:
-            counts = self.bank.update(
-                flat_feats.detach(), flat_targets, cfg.update_rule, similarity=sims
+            # Moved once per optimiser step (after_optimizer_step), whatever the number of
+            # micro-batches: accumulation then takes the same EMA step as more GPUs.
+            counts = self.bank.accumulate(
+                flat_feats.detach(), flat_targets, similarity=sims, rule=cfg.update_rule
             )
-            logs["prototypes_updated"] = float((counts > 0).float().mean())
+            logs["prototypes_updated"] = (counts > 0).float().mean()
         return loss, logs
 
     def after_optimizer_step(self) -> None:
-        """Called once per optimiser step (the bank's pending update is applied here)."""
+        """Apply the update the step's micro-batches accumulated: one EMA step (Eq. 11)."""
+        if self.bank.has_pending:
+            self.bank.apply_pending()
 
     @torch.no_grad()
     def pseudo_label(self, features: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """Labels and confidences (B, H, W) from the prototype head on a teacher's features."""
-        logits = F.interpolate(
-            self.bank.logits(features), size=size, mode="bilinear", align_corners=True
-        )
+        """Labels and confidences (B, H, W) from the prototype head on a teacher's features,
+        classified at full resolution as the release's prototype head does."""
+        logits = prototype_logits_full_res(self.bank, features, size)
         conf, labels = torch.softmax(logits.float(), dim=1).max(dim=1)
         return labels, conf
 

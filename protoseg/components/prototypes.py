@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,12 @@ class PrototypeBank(nn.Module):
     Labels outside [0, C) (``ignore_index`` among them) are ignored by every update; they
     are masked rather than checked, because a check would cost a host sync per step.
     """
+
+    # Buffers (registered in __init__), declared for type checkers.
+    prototypes: Tensor
+    initialized: Tensor
+    _pending_sums: Tensor
+    _pending_counts: Tensor
 
     def __init__(
         self,
@@ -175,8 +182,9 @@ class PrototypeBank(nn.Module):
         labels: Tensor,
         similarity: Tensor | None = None,
         rule: str = "batch_mean",
-    ) -> None:
-        """Add one micro-batch to the pending update, without moving the bank.
+    ) -> Tensor:
+        """Add one micro-batch to the pending update, without moving the bank; returns this
+        micro-batch's (C, M) pixel counts per prototype.
 
         Pixels are assigned against the bank as it is now, which does not move until
         :meth:`apply_pending`: a step split into micro-batches (gradient accumulation)
@@ -202,6 +210,7 @@ class PrototypeBank(nn.Module):
         self._pending_sums.add_(sums)
         self._pending_counts.add_(counts)
         self._pending_rule = rule
+        return counts[: self.num_slots].view(self.num_classes, self.per_class)
 
     def _slot_sums(self, feats: Tensor, flat: Tensor, rule: str) -> tuple[Tensor, Tensor]:
         """Per-slot sums (C * M + 1, D) and counts of (N, D) features in slots ``flat``.
@@ -324,7 +333,11 @@ class PrototypeBank(nn.Module):
                     self.per_class - k,
                     self.per_class,
                 )
-            centres = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(x).cluster_centers_
+            # One OpenMP thread: scikit-learn's k-means sums in per-thread chunks, so its
+            # centres (and the whole run after them) would depend on the machine's core count.
+            with threadpool_limits(limits=1, user_api="openmp"):
+                kmeans = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(x)
+            centres = kmeans.cluster_centers_
             centres = torch.from_numpy(centres).float()
             bank[c] = centres[torch.arange(self.per_class) % k]
         self.prototypes.copy_(bank.to(self.prototypes.device))
