@@ -166,6 +166,10 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     progress: bool = True
 
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimiser steps of the run: ``iterations``, else ``epochs`` of ``steps_per_epoch``."""
+        return self.iterations or max(1, int(round(self.epochs * steps_per_epoch)))
+
 
 @dataclass
 class EvalConfig:

@@ -155,6 +155,32 @@ def broadcast(t: Tensor, src: int = 0) -> Tensor:
     return t
 
 
+def all_gather_rows(t: Tensor) -> Tensor:
+    """Rows of ``t`` from every process, concatenated in rank order (``t`` itself in one process).
+
+    Processes may hold different numbers of rows; all other dimensions must agree. Every
+    process receives the same result, so state built from it stays identical across ranks.
+    """
+    if not _is_initialized() or dist.get_world_size() == 1:
+        return t
+    staged = (
+        t.to(torch.device("cuda", torch.cuda.current_device())) if _needs_cuda_staging(t) else t
+    )
+    world = dist.get_world_size()
+    count = torch.tensor([staged.shape[0]], device=staged.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    if max(sizes) == 0:
+        return t
+    # all_gather needs one shape on every rank: pad to the longest, then cut each part back.
+    padded = staged.new_zeros((max(sizes), *staged.shape[1:]))
+    padded[: staged.shape[0]] = staged
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)]).to(t.device)
+
+
 def barrier() -> None:
     """Wait until every process reaches this point (no-op in a single process)."""
     if _is_initialized() and dist.get_world_size() > 1:

@@ -8,6 +8,8 @@ METHOD_OVERRIDES = {
     "mean_teacher": ["method.warmup_epochs=0"],
     "cutmix_seg": ["method.warmup_epochs=0"],
     "pcr": ["method.warmup_epochs=0", "method.prototypes.sample_grid=8"],
+    "u2pl": ["method.warmup_epochs=0", "method.contrast.low_rank=1", "method.contrast.dim=16"],
+    "cps": ["method.warmup_epochs=0"],
 }
 
 

@@ -126,13 +126,23 @@ def test_every_shipped_config_loads():
             cells += 1
             n = path.parent.name
             assert f"/{n}/" in cfg.data.labeled_split and cfg.method.name == path.stem
-    assert cells == 3 * (5 + 4 + 4)  # Tables 1-3, three methods each
+    # Tables 1-3 with three methods each, plus u2pl and cps at VOC classic 92 / Cityscapes 186.
+    assert cells == 3 * (5 + 4 + 4) + 2 * 2
     voc = load_config("voc/classic/92/pcr.yaml")
     assert (voc.train.batch_size, voc.data.crop_size, voc.optim.lr) == (16, 513, 0.001)
     assert (voc.method.confidence_threshold, voc.method.prototypes.per_class) == (0.8, 4)
     city = load_config("cityscapes/fine/744/pcr.yaml")
     assert (city.eval.mode, city.eval.window, city.eval.stride) == ("sliding", 769, 513)
     assert city.model.aux_head and city.train.aux_weight == 0.4
+    u2pl = load_config("voc/classic/92/u2pl.yaml")
+    assert (u2pl.train.loss, u2pl.method.drop_percent, u2pl.method.contrast.num_queries) == (
+        "ce",
+        80.0,
+        256,
+    )
+    assert load_config("cityscapes/fine/186/u2pl.yaml").method.warmup_epochs == 0
+    assert load_config("voc/classic/92/cps.yaml").method.cps_weight == 1.0
+    assert load_config("cityscapes/fine/186/cps.yaml").method.cps_weight == 5.0
     with pytest.raises(ConfigError, match="method.strong_aug"):
         load_config("voc/pcr.yaml", ["method.strong_aug=mixup"])
 

@@ -7,7 +7,14 @@ import torch
 from method_contract import tiny_config
 
 from protoseg.components import EMATeacher, confident, hard_labels, valid_pixels
-from protoseg.components.augment import classmix, cutmix, cutout, half_area_boxes, strong_augment
+from protoseg.components.augment import (
+    box_masks,
+    classmix,
+    cutmix,
+    cutout,
+    half_area_boxes,
+    strong_augment,
+)
 from protoseg.components.losses import SegmentationLoss, masked_cross_entropy, ohem_cross_entropy
 from protoseg.models import create_model
 
@@ -207,3 +214,16 @@ def test_pseudo_labels_and_confidence_mask():
     padded = valid_pixels({"valid": torch.tensor([[[1, 0]]])}, logits)
     assert padded.tolist() == [[[True, False]]]
     assert valid_pixels({}, logits).all()
+
+
+def test_cps_box_masks_cover_a_share_drawn_from_the_range():
+    torch.manual_seed(0)
+    one = box_masks(64, 40, 60, (0.25, 0.5), 1, torch.device("cpu"))
+    share = one.float().mean(dim=(1, 2))
+    # One box: its area share, up to rounding of its sides; spread over the range.
+    assert (share > 0.23).all() and (share < 0.52).all() and share.std() > 0.03
+    whole = box_masks(2, 40, 60, (1.0, 1.0), 1, torch.device("cpu"))
+    assert whole.all()
+    # Three boxes of a third of the share each: overlaps cancel, so never more than the share.
+    three = box_masks(64, 40, 60, (0.25, 0.5), 3, torch.device("cpu"))
+    assert (three.float().mean(dim=(1, 2)) < 0.52).all() and three.any()

@@ -139,3 +139,54 @@ def test_sigkill_mid_training_resumes_to_the_same_weights(synthetic_root, tmp_pa
     b = torch.load(out / "model.pt", weights_only=True)["state_dict"]
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def _wrapped_student_worker(rank: int, world: int, port: int, root, out) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    from helpers import METHOD_OVERRIDES
+
+    from protoseg.distributed import cleanup
+
+    try:
+        for method in ("u2pl", "cps"):
+            args = overrides(root, out / method, "train.iterations=2", *METHOD_OVERRIDES[method])
+            trainer = Trainer(load_config(f"synthetic/{method}.yaml", args))
+            before = {n: p.detach().clone() for n, p in trainer.method.named_parameters()}
+            trainer.fit()
+            method_state = trainer.method.state_dict()
+            saved = {n: method_state[n] for n in before}
+            saved.update({n: v for n, v in method_state.items() if n.startswith("queues.")})
+            moved = [n for n, v in before.items() if not torch.equal(v, method_state[n])]
+            torch.save({"state": saved, "moved": moved}, out / f"{method}_rank{rank}.pt")
+    finally:
+        cleanup()
+
+
+def test_ranks_stay_identical_when_the_student_wraps_more_than_the_network(
+    synthetic_root, tmp_path
+):
+    """U2PL's representation head and CPS's second network are inside DDP and the optimiser,
+    and U2PL's queues are gathered: every rank ends with the same weights and queues."""
+    mp.start_processes(
+        _wrapped_student_worker,
+        args=(2, _free_port(), synthetic_root, tmp_path),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
+    for method, extra in (("u2pl", "student.representation."), ("cps", "student.right.")):
+        ranks = [torch.load(tmp_path / f"{method}_rank{r}.pt", weights_only=True) for r in (0, 1)]
+        # The extra part trained (the optimiser holds it) ...
+        assert any(name.startswith(extra) for name in ranks[0]["moved"]), method
+        # ... and identically on both ranks (DDP averaged its gradients).
+        for key, value in ranks[0]["state"].items():
+            assert torch.allclose(value, ranks[1]["state"][key], atol=1e-6), (method, key)
+    u2pl = torch.load(tmp_path / "u2pl_rank0.pt", weights_only=True)["state"]
+    assert u2pl["queues.length"].sum() > 0

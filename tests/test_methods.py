@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from method_contract import IGNORE, NUM_CLASSES, MethodContract, batches
 
-from protoseg.components import InitContext
+from protoseg.components import InitContext, pixel_entropy
+from protoseg.engine.optim import build_optimizer
 from protoseg.methods import METHODS
+from protoseg.methods import cps as cps_module
+from protoseg.methods import u2pl as u2pl_module
 
 SELF_TRAINING = ("method.warmup_epochs=0", "method.mix_prob=1.0", "method.confidence_threshold=0")
 WARMUP = ("method.warmup_epochs=1",)
+# Queues and queries sized to the tiny batch; low_rank 1 because 3 classes leave no class at
+# rank 3 (the release's low_rank), so no unlabelled pixel could be a negative.
+U2PL_TINY = (
+    "method.warmup_epochs=0",
+    "method.mix_prob=1.0",
+    "method.contrast.low_rank=1",
+    "method.contrast.dim=16",
+    "method.contrast.queue_size=64",
+    "method.contrast.first_class_queue_size=96",
+    "method.contrast.num_queries=32",
+    "method.contrast.num_negatives=8",
+)
 
 
 class TestSupervised(MethodContract):
@@ -27,6 +43,14 @@ class TestCutMixSeg(MethodContract):
 
 class TestPCR(MethodContract):
     name, overrides, warmup = "pcr", (*SELF_TRAINING, "method.prototypes.sample_grid=8"), WARMUP
+
+
+class TestU2PL(MethodContract):
+    name, overrides, warmup = "u2pl", U2PL_TINY, WARMUP
+
+
+class TestCPS(MethodContract):
+    name, warmup = "cps", WARMUP
 
 
 def test_every_registered_method_has_a_contract_test():
@@ -190,3 +214,185 @@ def test_pcr_deploys_its_bank_as_the_prototype_head():
     spec = method.deploy()["heads"]["prototype"]
     assert spec["options"]["num_classes"] == NUM_CLASSES
     assert torch.equal(spec["state"]["prototypes"], method.branch.bank.prototypes)
+
+
+# ---- U2PL ----------------------------------------------------------------------------------
+def _spy_u2pl(method, monkeypatch) -> dict:
+    """Record the teacher's train-mode logits and what the CE and contrast receive."""
+    seen: dict = {}
+    teacher_forward = method.teacher_forward
+
+    def teacher_spy(images, train):
+        out = teacher_forward(images, train)
+        if train:
+            seen["teacher_logits"] = out["logits"]
+        return out
+
+    ce = u2pl_module.reliable_cross_entropy
+
+    def ce_spy(logits, target, reliable, valid):
+        seen["reliable"] = reliable
+        return ce(logits, target, reliable, valid)
+
+    contrast = u2pl_module.contrastive_loss
+
+    def contrast_spy(rep, rep_teacher, prob, labels, reliable, unreliable, *rest):
+        seen["contrast"] = (labels, reliable, unreliable)
+        return contrast(rep, rep_teacher, prob, labels, reliable, unreliable, *rest)
+
+    monkeypatch.setattr(method, "teacher_forward", teacher_spy)
+    monkeypatch.setattr(u2pl_module, "reliable_cross_entropy", ce_spy)
+    monkeypatch.setattr(u2pl_module, "contrastive_loss", contrast_spy)
+    return seen
+
+
+@pytest.mark.parametrize(("step", "unreliable_percent"), [(0, 20.0), (55, 10.0)])
+def test_u2pl_ce_drops_exactly_the_pixels_above_the_annealed_entropy_percentile(
+    monkeypatch, step, unreliable_percent
+):
+    method, _ = TestU2PL().build()
+    method.total_steps = 100  # 10 epochs of 10 steps: step 55 is in epoch 5 of 10
+    seen = _spy_u2pl(method, monkeypatch)
+    labeled, unlabeled = batches()
+    method.training_step(labeled, unlabeled, step=step)
+    # The entropy of the teacher's train-mode prediction of the mixed view (rows after the
+    # labelled ones); (100 - drop_percent) * (1 - epoch / epochs) percent is unreliable.
+    entropy = pixel_entropy(seen["teacher_logits"][labeled["image"].shape[0] :])
+    threshold = np.percentile(entropy.numpy(), 100.0 - unreliable_percent)
+    assert torch.equal(seen["reliable"], entropy < torch.tensor(threshold, dtype=entropy.dtype))
+    share = 1.0 - seen["reliable"].float().mean().item()
+    assert share == pytest.approx(unreliable_percent / 100.0, abs=0.01)
+
+
+def test_u2pl_unreliable_pixels_are_contrast_negatives_only(monkeypatch):
+    method, _ = TestU2PL().build()
+    seen = _spy_u2pl(method, monkeypatch)
+    labeled, unlabeled = batches()
+    method.training_step(labeled, unlabeled, step=0)
+    labels, reliable, unreliable = seen["contrast"]
+    n = labeled["image"].shape[0]
+    # Unlabelled rows: the two sets are the lowest and highest 20 % of the entropies (the
+    # release's low_entropy_threshold at the start), disjoint; labelled pixels are in both.
+    assert not (reliable[n:] & unreliable[n:]).any()
+    assert unreliable[n:].float().mean().item() == pytest.approx(0.2, abs=0.05)
+    assert torch.equal(reliable[:n], labels[:n] != IGNORE)
+    assert torch.equal(unreliable[:n], reliable[:n])
+
+
+def test_u2pl_queues_survive_a_state_dict_round_trip():
+    first, _ = TestU2PL().build()
+    labeled, unlabeled = batches()
+    for step in range(3):
+        first.training_step(labeled, unlabeled, step=step)
+    assert first.queues.length.sum() > 0
+    state = first.state_dict()
+    assert {"queues.keys", "queues.length", "queues.head"} <= set(state)
+    second, _ = TestU2PL().build(seed=5)
+    second.load_state_dict(state)
+    for c in range(NUM_CLASSES):
+        assert torch.equal(second.queues.queue(c), first.queues.queue(c))
+
+
+def test_u2pl_trains_its_representation_head_and_deploys_the_bare_teacher():
+    method, cfg = TestU2PL().build()
+    labeled, unlabeled = batches()
+    method.training_step(labeled, unlabeled, step=0)["loss"].backward()
+    head = list(method.student.representation.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head[-2:])
+    optimiser = build_optimizer(method.student, cfg.optim)
+    decoder = next(g for g in optimiser.param_groups if g["name"] == "decoder")
+    assert {id(p) for p in head} <= {id(p) for p in decoder["params"]}
+    # The model file holds the network alone, under the names every other method uses.
+    network = method.deploy()["network"]
+    assert network is method.teacher.network.network
+    assert set(network.state_dict()) == set(method.student.network.state_dict())
+
+
+def test_u2pl_teacher_is_the_student_for_a_copy_epoch_then_an_ema():
+    method, _ = TestU2PL().build()  # 10 steps per epoch, no warm-up
+    with torch.no_grad():
+        for p in method.student.parameters():
+            p.add_(1.0)
+    method.after_optimizer_step(9)
+    student = method.student.state_dict()
+    teacher = method.teacher.network.state_dict()
+    assert all(torch.equal(teacher[k], v) for k, v in student.items())
+    with torch.no_grad():
+        for p in method.student.parameters():
+            p.add_(1.0)
+    method.after_optimizer_step(10)
+    # The release's decay, min(1 - 1/(t + 1), 0.99) with t counted from the warm-up's end.
+    decay = 1.0 - 1.0 / 11.0
+    name, param = next(iter(method.student.named_parameters()))
+    assert torch.allclose(method.teacher.network.state_dict()[name], param - decay)
+
+
+# ---- CPS -----------------------------------------------------------------------------------
+def _spy_cps(monkeypatch, mask=None) -> list:
+    """Record every (logits, target) of the cross-supervision CE; optionally fix the masks."""
+    calls = []
+    ce = cps_module.masked_cross_entropy
+
+    def ce_spy(logits, target, keep, valid):
+        calls.append((logits.detach(), target))
+        return ce(logits, target, keep, valid)
+
+    monkeypatch.setattr(cps_module, "masked_cross_entropy", ce_spy)
+    if mask is not None:
+        monkeypatch.setattr(cps_module, "box_masks", lambda b, h, w, *_: mask(b, h, w))
+    return calls
+
+
+def test_cps_networks_learn_each_others_argmax_of_the_unmixed_then_mixed_images(monkeypatch):
+    method, _ = TestCPS().build("model.dropout=0")
+
+    def left_half(b, h, w):
+        mask = torch.zeros(b, h, w, dtype=torch.bool)
+        mask[..., : w // 2] = True
+        return mask
+
+    calls = _spy_cps(monkeypatch, left_half)
+    labeled, unlabeled = batches()
+    x_l, x_u = labeled["image"], unlabeled["image"]
+    left, right = method.student.left, method.student.right
+    # Train-mode forwards with dropout off: BN statistics depend on the batch only, so the
+    # same batches give the outputs the step sees.
+    with torch.no_grad():
+        label_l, label_r = (net(x_u)["logits"].argmax(1) for net in (left, right))
+        mask = left_half(*label_l.shape)
+        x_m = torch.where(mask[:, None], x_u.roll(-1, 0), x_u)
+        logits_l, logits_r = (net(torch.cat([x_l, x_m]))["logits"][2:] for net in (left, right))
+    method.training_step(labeled, unlabeled, step=0)
+    (student_l, target_l), (student_r, target_r) = calls
+    mixed_l = torch.where(mask, label_l.roll(-1, 0), label_l)
+    mixed_r = torch.where(mask, label_r.roll(-1, 0), label_r)
+    assert torch.allclose(student_l, logits_l, atol=1e-5)
+    assert torch.equal(target_l, mixed_r)  # the first network learns the second's labels
+    assert torch.allclose(student_r, logits_r, atol=1e-5)
+    assert torch.equal(target_r, mixed_l)
+    assert not torch.equal(mixed_l, mixed_r)  # differently initialised: they disagree
+
+
+def test_cps_trains_and_optimises_both_networks():
+    method, cfg = TestCPS().build()
+    labeled, unlabeled = batches()
+    labeled["mask"].fill_(IGNORE)  # only the cross supervision is left
+    method.training_step(labeled, unlabeled, step=0)["loss"].backward()
+    optimiser = build_optimizer(method.student, cfg.optim)
+    optimised = {id(p) for group in optimiser.param_groups for p in group["params"]}
+    for network in (method.student.left, method.student.right):
+        params = list(network.parameters())
+        assert {id(p) for p in params} <= optimised
+        assert sum(p.grad.abs().sum() for p in params if p.grad is not None) > 0
+    assert method.deploy()["network"] is method.student.left
+
+
+def test_cps_second_network_is_built_from_another_seed():
+    a, _ = TestCPS().build(seed=0)
+    b, _ = TestCPS().build(seed=7)  # another first network, the same second one
+    left, right = a.student.left.state_dict(), a.student.right.state_dict()
+    assert left.keys() == right.keys()
+    differ = [k for k in left if left[k].is_floating_point() and not torch.equal(left[k], right[k])]
+    assert any(k.startswith("classifier") for k in differ)
+    for k, v in b.student.right.state_dict().items():
+        assert torch.equal(v, right[k]), k

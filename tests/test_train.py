@@ -51,7 +51,7 @@ def test_supervised_training_beats_chance(synthetic_root, tmp_path):
     assert list((out / "tensorboard").iterdir())
 
 
-@pytest.mark.parametrize("method", ["supervised", "pcr"])
+@pytest.mark.parametrize("method", ["supervised", "pcr", "u2pl", "cps"])
 def test_resume_matches_an_uninterrupted_run(synthetic_root, tmp_path, method):
     extra = ["train.iterations=6", "train.checkpoint_every=3", "train.eval_every=0"]
     straight = Trainer(tiny_config(synthetic_root, tmp_path / "a", method, *extra))
@@ -65,7 +65,7 @@ def test_resume_matches_an_uninterrupted_run(synthetic_root, tmp_path, method):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    # The checkpoint holds the whole method state (PCR's bank included), as plain data.
+    # The checkpoint holds the whole method state (PCR's bank, U2PL's queues), as plain data.
     ckpt = torch.load(latest_checkpoint(tmp_path / "b" / "checkpoints"), weights_only=True)
     for key, value in ckpt["method"].items():
         assert torch.equal(value, b[key]), key

@@ -3,7 +3,8 @@
 None of them holds a training loop; a method's module reads top to bottom by calling them.
 """
 
-from protoseg.components.augment import STRONG_AUGMENTATIONS, strong_augment
+from protoseg.components.augment import STRONG_AUGMENTATIONS, box_masks, strong_augment
+from protoseg.components.contrast import ClassQueues, ContrastConfig, contrastive_loss
 from protoseg.components.losses import (
     SegmentationLoss,
     SupervisedObjective,
@@ -24,11 +25,20 @@ from protoseg.components.pseudo_label import (
     hard_labels,
     valid_pixels,
 )
+from protoseg.components.reliability import (
+    above_percentile,
+    below_percentile,
+    percentile,
+    pixel_entropy,
+    reliable_cross_entropy,
+)
 from protoseg.components.teacher import EMATeacher, TeacherSettings
 
 __all__ = [
     "PROTOTYPE_HEAD",
     "STRONG_AUGMENTATIONS",
+    "ClassQueues",
+    "ContrastConfig",
     "EMATeacher",
     "InitContext",
     "PrototypeBank",
@@ -39,11 +49,18 @@ __all__ = [
     "SelfTrainingSettings",
     "SupervisedObjective",
     "TeacherSettings",
+    "above_percentile",
+    "below_percentile",
+    "box_masks",
     "build_prototype_head",
     "confident",
     "confident_fraction",
+    "contrastive_loss",
     "hard_labels",
     "masked_cross_entropy",
+    "percentile",
+    "pixel_entropy",
+    "reliable_cross_entropy",
     "strong_augment",
     "valid_pixels",
 ]

@@ -26,6 +26,34 @@ def half_area_boxes(batch: int, height: int, width: int, device: torch.device) -
     return masks
 
 
+def box_masks(
+    batch: int,
+    height: int,
+    width: int,
+    area_range: tuple[float, float],
+    boxes: int,
+    device: torch.device,
+) -> Tensor:
+    """CPS's CutMix masks: ``boxes`` boxes per image that flip the mask where they fall.
+
+    Each box covers ``p / boxes`` of the image, ``p`` uniform in ``area_range``, with a
+    random aspect ratio (its height share ``sqrt(p**u / boxes)``, ``u`` uniform in [0, 1]),
+    at a uniform position inside the image; overlapping boxes cancel out. Boolean (B, H, W).
+    """
+    masks = torch.zeros(batch, height, width, dtype=torch.bool, device=device)
+    low, high = area_range
+    for i in range(batch):
+        for _ in range(boxes):
+            area = low + (high - low) * float(torch.rand(()))
+            tall = area ** float(torch.rand(()))
+            box_h = round(tall / boxes**0.5 * height)
+            box_w = round(area / tall / boxes**0.5 * width)
+            y0 = round((height - box_h) * float(torch.rand(())))
+            x0 = round((width - box_w) * float(torch.rand(())))
+            masks[i, y0 : y0 + box_h, x0 : x0 + box_w] ^= True
+    return masks
+
+
 def paste_from_partner(mask: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
     """Where ``mask`` (B, H, W) is set, take the values of image (i + 1) mod B."""
     out = []

@@ -45,9 +45,7 @@ class TrainingData:
         if data.epoch_over == "unlabeled" and self.unlabeled is not None:
             epoch_set = self.unlabeled
         self.steps_per_epoch = steps_per_epoch(len(epoch_set), cfg.train.batch_size)
-        self.total_steps = cfg.train.iterations or max(
-            1, int(round(cfg.train.epochs * self.steps_per_epoch))
-        )
+        self.total_steps = cfg.train.total_steps(self.steps_per_epoch)
         self.micro_batch, self.accum_steps = split_batch_sizes(
             cfg.train.batch_size, dist.world_size, cfg.train.max_device_batch
         )

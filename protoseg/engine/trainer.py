@@ -95,10 +95,13 @@ class Trainer:
         self.method.to(device)
         self.method.setup(self.data.steps_per_epoch)
         self.data.require_unlabeled(self.method.uses_unlabeled, cfg.method.name)
-        forward: nn.Module = model
+        # The student may wrap the network with other trained parts (a representation head,
+        # a second network): DDP and the optimiser must see all of them.
+        student = self.method.student
+        forward: nn.Module = student
         if dist_info.enabled:
             forward = DistributedDataParallel(
-                model,
+                student,
                 device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=self.method.find_unused_parameters,
             )
@@ -107,7 +110,7 @@ class Trainer:
         self.method.set_student_forward(forward)
         self.student_forward = forward
         torch.manual_seed(cfg.train.seed + dist_info.rank)
-        self.optimizer = build_optimizer(model, cfg.optim)
+        self.optimizer = build_optimizer(student, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.optim.poly_power)
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
         self.step = 0

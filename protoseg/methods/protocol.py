@@ -38,7 +38,8 @@ class SegmentationMethod(Protocol):
 
     #: The method's hyper-parameters (its registered MethodConfig subclass).
     config: MethodConfig
-    #: The network the optimiser trains; its ``param_groups()`` gives the lr groups.
+    #: What the optimiser trains and DDP wraps: the network, or a module holding it and other
+    #: trained parts (a head, a second network); its ``param_groups()`` gives the lr groups.
     student: nn.Module
     #: Whether training_step needs a batch of unlabelled images (one weak view each; a
     #: method that wants several strong views draws them itself from that batch).
