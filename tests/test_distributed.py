@@ -169,6 +169,8 @@ def _wrapped_student_worker(rank: int, world: int, port: int, root, out) -> None
         cleanup()
 
 
+# Two processes for ~40 s: in `make test-all`, not the default suite.
+@pytest.mark.slow
 def test_ranks_stay_identical_when_the_student_wraps_more_than_the_network(
     synthetic_root, tmp_path
 ):
