@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -119,15 +120,17 @@ def test_train_then_eval_from_the_cli(synthetic_root, tmp_path, capsys):
 def test_every_shipped_config_loads():
     files = sorted(shipped_config_dir().rglob("*.yaml"))
     assert len(files) >= 40
-    cells = 0
+    cells: Counter[str] = Counter()
     for path in files:
         cfg = load_config(path)
         if path.parent.name.isdigit():
-            cells += 1
+            cells[cfg.method.name] += 1
             n = path.parent.name
             assert f"/{n}/" in cfg.data.labeled_split and cfg.method.name == path.stem
-    # Tables 1-3 with three methods each, plus u2pl and cps at VOC classic 92 / Cityscapes 186.
-    assert cells == 3 * (5 + 4 + 4) + 2 * 2
+    for method in ("supervised", "cutmix_seg", "pcr"):
+        assert cells[method] == 5 + 4 + 4  # Tables 1-3
+    for method in ("u2pl", "cps", "fixmatch", "unimatch"):
+        assert cells[method] == 2  # the baselines at VOC classic 92 and Cityscapes 186
     voc = load_config("voc/classic/92/pcr.yaml")
     assert (voc.train.batch_size, voc.data.crop_size, voc.optim.lr) == (16, 513, 0.001)
     assert (voc.method.confidence_threshold, voc.method.prototypes.per_class) == (0.8, 4)
@@ -145,6 +148,12 @@ def test_every_shipped_config_loads():
     assert load_config("cityscapes/fine/186/cps.yaml").method.cps_weight == 5.0
     with pytest.raises(ConfigError, match="method.strong_aug"):
         load_config("voc/pcr.yaml", ["method.strong_aug=mixup"])
+    uni = load_config("voc/classic/92/unimatch.yaml")
+    assert (uni.train.batch_size, uni.data.crop_size, uni.model.output_stride) == (8, 321, 16)
+    assert (uni.method.confidence_threshold, uni.train.loss) == (0.95, "ce")
+    uni_city = load_config("cityscapes/fine/186/fixmatch.yaml")
+    assert (uni_city.data.crop_size, uni_city.optim.lr, uni_city.train.epochs) == (801, 0.005, 240)
+    assert uni_city.method.confidence_threshold == 0 and not uni_city.model.aux_head
 
 
 def test_release_recipes_take_the_releases_training_details():

@@ -6,7 +6,15 @@ import pytest
 import torch
 from method_contract import tiny_config
 
-from protoseg.components import EMATeacher, confident, hard_labels, valid_pixels
+from protoseg.components import (
+    EMATeacher,
+    PhotometricAugment,
+    confident,
+    cutmix_boxes,
+    hard_labels,
+    strong_view,
+    valid_pixels,
+)
 from protoseg.components.augment import (
     box_masks,
     classmix,
@@ -16,6 +24,8 @@ from protoseg.components.augment import (
     strong_augment,
 )
 from protoseg.components.losses import SegmentationLoss, masked_cross_entropy, ohem_cross_entropy
+from protoseg.components.weak_strong import random_area_boxes
+from protoseg.config import IMAGENET_MEAN, IMAGENET_STD
 from protoseg.models import create_model
 
 
@@ -69,6 +79,120 @@ def test_strong_augment_probability_zero_is_identity():
     assert out[0] is images and out[1] is labels
     with pytest.raises(ValueError, match="unknown strong augmentation"):
         strong_augment("mixup", 1.0, images, labels, conf, valid)
+
+
+# ---- photometric augmentation and the weak-to-strong view --------------------------------------
+CPU = torch.device("cpu")
+MEAN = torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1)
+
+
+def normalised(b=4, h=16, w=20, seed=0):
+    """Random [0, 1] images normalised with the ImageNet statistics."""
+    rgb = torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
+    return (rgb - MEAN) / STD
+
+
+def test_photometric_changes_colours_not_geometry():
+    augment = PhotometricAugment(IMAGENET_MEAN, IMAGENET_STD, jitter_prob=1.0, blur_prob=0.0)
+    images = normalised()
+    perm = torch.randperm(16 * 20, generator=torch.Generator().manual_seed(1))
+
+    def shuffle(x):
+        return x.flatten(2)[..., perm].reshape(x.shape)
+
+    torch.manual_seed(2)
+    out = augment(images)
+    torch.manual_seed(2)
+    out_of_shuffled = augment(shuffle(images))
+    # A colour map of each pixel (with image-wide statistics) commutes with moving pixels:
+    # nothing moves, so labels need no transform.
+    torch.testing.assert_close(out_of_shuffled, shuffle(out), atol=1e-4, rtol=0)
+    assert out.shape == images.shape and (out - images).abs().mean() > 0.05
+
+
+def test_photometric_draws_per_image_and_per_call():
+    augment = PhotometricAugment(IMAGENET_MEAN, IMAGENET_STD)
+    images = normalised(b=1).expand(8, -1, -1, -1).contiguous()
+    torch.manual_seed(0)
+    first, second = augment(images), augment(images)
+    # One draw for the whole batch would give 8 equal images; per image ~92% are altered.
+    assert torch.unique(first.flatten(1), dim=0).shape[0] >= 6
+    assert not torch.equal(first, second)
+
+
+def test_photometric_follows_unimatch_probabilities():
+    augment = PhotometricAugment(IMAGENET_MEAN, IMAGENET_STD)
+    images = normalised(b=400, h=6, w=6)
+    torch.manual_seed(0)
+    out = augment(images)
+    rgb = out * STD + MEAN
+    grey = (rgb.amax(dim=1) - rgb.amin(dim=1)).flatten(1).amax(dim=1) < 1e-4
+    untouched = (out - images).abs().flatten(1).amax(dim=1) < 1e-4
+    assert 0.14 < grey.float().mean() < 0.26  # p = 0.2
+    # No jitter (0.2), no greyscale (0.8), no blur (0.5): 0.08 of the images.
+    assert 0.04 < untouched.float().mean() < 0.12
+
+
+def test_photometric_leaves_padding_neutral():
+    augment = PhotometricAugment(IMAGENET_MEAN, IMAGENET_STD, jitter_prob=1.0, blur_prob=1.0)
+    images = normalised(b=3)
+    valid = torch.ones(3, 16, 20, dtype=torch.bool)
+    valid[:, 11:] = False
+    valid[:, :, 15:] = False
+    images = images.masked_fill(~valid[:, None], 0.0)  # the loader pads with the mean
+    torch.manual_seed(0)
+    out = augment(images, valid)
+    assert (out.permute(1, 0, 2, 3)[:, ~valid] == 0).all()
+    assert not torch.allclose(out[:, :, :11, :15], images[:, :, :11, :15], atol=1e-3)
+
+
+def test_random_area_boxes_follow_unimatch():
+    torch.manual_seed(0)
+    boxes = random_area_boxes(200, 64, 64, CPU)
+    area = boxes.flatten(1).float().mean(dim=1)
+    # Area U(0.02, 0.4) of the image, sides truncated to whole pixels.
+    assert area.max() <= 0.4 and area.min() > 0.01
+    assert area.min() < 0.05 and area.max() > 0.35 and 0.15 < area.mean() < 0.23
+    rows, cols = boxes.any(dim=2).sum(dim=1), boxes.any(dim=1).sum(dim=1)
+    assert torch.equal(rows * cols, boxes.flatten(1).sum(dim=1))  # one rectangle each
+    ratio = rows.float() / cols.float()
+    assert ratio.min() < 0.5 and ratio.max() > 2.0 and ratio.max() < 4.0
+
+
+def test_cutmix_boxes_are_drawn_per_image():
+    torch.manual_seed(0)
+    boxes = cutmix_boxes("random_area", 0.5, 400, 32, 32, CPU).flatten(1)
+    has_box, area = boxes.any(dim=1), boxes.float().mean(dim=1)
+    assert 0.42 < has_box.float().mean() < 0.58
+    assert area.max() <= 0.4 and area[has_box].min() < 0.05  # UniMatch's box, not half
+    assert not cutmix_boxes("random_area", 0.0, 8, 32, 32, CPU).any()
+    half = cutmix_boxes("half_area", 1.0, 8, 20, 30, CPU).flatten(1).sum(dim=1).float()
+    assert ((half - 300).abs() <= 30).all()
+    with pytest.raises(ValueError, match="unknown CutMix box shape"):
+        cutmix_boxes("circle", 1.0, 2, 8, 8, CPU)
+
+
+def test_strong_view_recolours_then_pastes_the_partners_strong_pixels_and_targets():
+    images, labels, conf, valid = encoded_batch()
+    valid[1, :, -3:] = False
+    boxes = torch.zeros(4, 20, 30, dtype=torch.bool)
+    boxes[:2, :10, :15] = True  # images 2 and 3 get no box
+    seen = []
+
+    def recolour(x, v):
+        seen.append(v)
+        return x + 100
+
+    out_img, out_lab, out_conf, out_valid = strong_view(
+        recolour, boxes, images, labels, conf, valid
+    )
+    partner = torch.tensor([1, 2, 3, 0])
+    expected = [torch.where(boxes, t[partner], t) for t in (labels, conf, valid)]
+    assert torch.equal(out_img, torch.where(boxes[:, None], images[partner], images) + 100)
+    assert torch.equal(out_lab, expected[0]) and torch.equal(out_conf, expected[1])
+    assert torch.equal(out_valid, expected[2]) and seen[0] is valid
+    assert torch.equal(out_lab[2:], labels[2:])
 
 
 # ---- losses ----------------------------------------------------------------------------------

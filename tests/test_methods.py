@@ -7,14 +7,17 @@ import pytest
 import torch
 from method_contract import IGNORE, NUM_CLASSES, MethodContract, batches
 
-from protoseg.components import InitContext, pixel_entropy
+from protoseg.components import InitContext, cutmix_boxes, masked_cross_entropy, pixel_entropy
+from protoseg.config import ConfigError
 from protoseg.engine.optim import build_optimizer
-from protoseg.methods import METHODS
+from protoseg.methods import METHODS, fixmatch, unimatch
 from protoseg.methods import cps as cps_module
 from protoseg.methods import u2pl as u2pl_module
 
 SELF_TRAINING = ("method.warmup_epochs=0", "method.mix_prob=1.0", "method.confidence_threshold=0")
 WARMUP = ("method.warmup_epochs=1",)
+# Weak-to-strong methods: a CutMix box in every image, every pixel confident.
+WEAK_STRONG = ("method.mix_prob=1.0", "method.confidence_threshold=0")
 # Queues and queries sized to the tiny batch; low_rank 1 because 3 classes leave no class at
 # rank 3 (the release's low_rank), so no unlabelled pixel could be a negative.
 U2PL_TINY = (
@@ -51,6 +54,18 @@ class TestU2PL(MethodContract):
 
 class TestCPS(MethodContract):
     name, warmup = "cps", WARMUP
+
+
+class TestFixMatch(MethodContract):
+    name, overrides, warmup = "fixmatch", WEAK_STRONG, WARMUP
+
+
+class TestFixMatchEMA(MethodContract):
+    name, overrides, warmup = "fixmatch", (*WEAK_STRONG, "method.teacher=ema"), WARMUP
+
+
+class TestUniMatch(MethodContract):
+    name, overrides, warmup = "unimatch", WEAK_STRONG, WARMUP
 
 
 def test_every_registered_method_has_a_contract_test():
@@ -396,3 +411,115 @@ def test_cps_second_network_is_built_from_another_seed():
     assert any(k.startswith("classifier") for k in differ)
     for k, v in b.student.right.state_dict().items():
         assert torch.equal(v, right[k]), k
+
+
+@pytest.mark.parametrize("teacher", ["self", "ema"])
+def test_fixmatch_pseudo_labels_never_see_the_strong_view(monkeypatch, teacher):
+    labeled, unlabeled = batches()
+    targets = []
+
+    def spy(logits, target, keep, valid):
+        targets.append((target, keep))
+        return masked_cross_entropy(logits, target, keep, valid)
+
+    monkeypatch.setattr(fixmatch, "masked_cross_entropy", spy)
+    losses = []
+    for garbage in (False, True):
+        method, _ = TestFixMatch().build(f"method.teacher={teacher}")
+        with torch.no_grad():  # sharper logits, so that the pseudo-labels vary over pixels
+            method.deployed_network().classifier[-1].weight.mul_(100)
+        if garbage:
+            method.photometric = lambda images, valid: 100 * torch.randn_like(images)
+        torch.manual_seed(3)
+        losses.append(method.training_step(labeled, unlabeled, step=0)["loss_unsup"])
+    (labels, keep), (garbage_labels, garbage_keep) = targets
+    assert torch.equal(labels, garbage_labels) and torch.equal(keep, garbage_keep)
+    assert labels.unique().numel() > 1
+    assert losses[0] != losses[1]  # the garbage did reach the student
+
+
+def test_fixmatch_takes_pseudo_labels_from_the_chosen_teacher(monkeypatch):
+    labeled, unlabeled = batches()
+    own, _ = TestFixMatch().build()
+    inputs = []
+    run = own.run_student
+    monkeypatch.setattr(own, "run_student", lambda x, **kw: inputs.append(x) or run(x, **kw))
+    out = own.training_step(labeled, unlabeled, step=0)
+    # UniMatch's FixMatch: one train-mode student pass over labelled and weak images.
+    assert torch.equal(inputs[0], torch.cat([labeled["image"], unlabeled["image"]]))
+    assert len(inputs) == 2 and own.deploy()["network"] is own.student
+    assert out["loss"].item() == pytest.approx((out["loss_sup"] + out["loss_unsup"]).item() / 2)
+
+    ema, _ = TestFixMatchEMA().build()
+    seen = []
+    predict = ema.teacher.predict
+    monkeypatch.setattr(ema.teacher, "predict", lambda x: seen.append(x) or predict(x))
+    ema.training_step(labeled, unlabeled, step=0)
+    assert torch.equal(seen[0], unlabeled["image"])
+    assert ema.deploy()["network"] is ema.teacher.network
+
+
+def test_unimatch_strong_views_get_their_own_boxes_and_colours(monkeypatch):
+    method, _ = TestUniMatch().build()
+    boxes, colours, inputs = [], [], []
+
+    def box_spy(*args):
+        boxes.append(cutmix_boxes(*args))
+        return boxes[-1]
+
+    photometric = method.photometric
+
+    def colour_spy(images, valid):
+        colours.append((images, photometric(images, valid)))
+        return colours[-1][1]
+
+    run = method.run_student
+    monkeypatch.setattr(unimatch, "cutmix_boxes", box_spy)
+    monkeypatch.setattr(method, "photometric", colour_spy)
+    monkeypatch.setattr(method, "run_student", lambda x, **kw: inputs.append(x) or run(x, **kw))
+    labeled, unlabeled = batches(b=4)
+    method.training_step(labeled, unlabeled, step=0)
+    assert len(boxes) == len(colours) == 2 and len(inputs) == 2
+    assert all(b.flatten(1).any(dim=1).all() for b in boxes)  # mix_prob 1: a box per image
+    assert not torch.equal(boxes[0], boxes[1])
+    (weak_1, strong_1), (weak_2, strong_2) = colours
+    assert weak_1 is unlabeled["image"] and weak_2 is unlabeled["image"]
+    assert not torch.equal(strong_1, strong_2)
+    # The student's second pass sees both views, each with the partner's pixels in its box.
+    mixed = [torch.where(b[:, None], s.roll(-1, 0), s) for b, (_, s) in zip(boxes, colours)]
+    assert torch.equal(inputs[1], torch.cat(mixed))
+
+
+def test_unimatch_feature_stream_sees_dropped_channels(monkeypatch):
+    method, _ = TestUniMatch().build()
+    calls = []
+    drop = method.drop_channels
+
+    def spy(features):
+        calls.append((features, drop(features)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(method, "drop_channels", spy)
+    labeled, unlabeled = batches()
+    out = method.training_step(labeled, unlabeled, step=0)
+    assert len(calls) == 2  # the low-level and the last encoder map
+    for features, dropped in calls:
+        assert features.shape[0] == 4  # the labelled and the weak images of the shared pass
+        flat, flat_dropped = features.flatten(2), dropped.flatten(2)
+        live = flat.abs().amax(dim=2) > 0
+        zeroed = (flat_dropped == 0).all(dim=2) & live
+        assert 0.3 < zeroed[live].float().mean() < 0.7  # p = 0.5
+        kept = ~zeroed & live
+        torch.testing.assert_close(flat_dropped[kept], 2 * flat[kept])  # scaled by 1/(1-p)
+    assert out["loss_fp"] > 0
+    expected = (out["loss_sup"] + 0.5 * out["loss_unsup"] + 0.5 * out["loss_fp"]) / 2
+    assert out["loss"].item() == pytest.approx(expected.item())
+
+
+def test_weak_to_strong_settings_are_checked():
+    with pytest.raises(ConfigError, match="method.teacher"):
+        TestFixMatch().build("method.teacher=mean")
+    with pytest.raises(ConfigError, match="method.mix_box"):
+        TestUniMatch().build("method.mix_box=circle")
+    with pytest.raises(ConfigError, match="method.fp_dropout"):
+        TestUniMatch().build("method.fp_dropout=1.0")

@@ -122,6 +122,32 @@ def test_feature_layout_is_low_level_then_aspp() -> None:
     torch.testing.assert_close(out["features"][:, 48:], aspp)
 
 
+def test_decoder_also_runs_on_perturbed_encoder_maps() -> None:
+    model = DeepLabV3Plus(3, backbone="test_resnet", output_stride=16, aux_head=True).eval()
+    x = torch.randn(2, 3, 33, 47)
+    seen: list[torch.Size] = []
+
+    def zero(features: torch.Tensor) -> torch.Tensor:
+        seen.append(features.shape)
+        return torch.zeros_like(features)
+
+    with torch.no_grad():
+        clean = model(x)
+        same = model(x, perturb=lambda features: features)
+        zeroed = model(x, perturb=zero)
+        low, _, high = model.backbone(x)
+    assert "perturbed_logits" not in clean
+    assert set(same) == {"logits", "features", "aux", "perturbed_logits"}
+    # The clean outputs are unchanged; the perturbed ones follow the perturbation of the
+    # low-level and the last encoder map (not the aux head's).
+    for key in ("logits", "features", "aux"):
+        torch.testing.assert_close(same[key], clean[key])
+        torch.testing.assert_close(zeroed[key], clean[key])
+    torch.testing.assert_close(same["perturbed_logits"], clean["logits"])
+    assert seen == [low.shape, high.shape]
+    assert not torch.allclose(zeroed["perturbed_logits"], clean["logits"])
+
+
 def test_count_parameters() -> None:
     layer = nn.Conv2d(3, 4, 3)
     layer.bias.requires_grad_(False)

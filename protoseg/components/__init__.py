@@ -10,6 +10,7 @@ from protoseg.components.losses import (
     SupervisedObjective,
     masked_cross_entropy,
 )
+from protoseg.components.photometric import PhotometricAugment
 from protoseg.components.prototype_branch import (
     PROTOTYPE_HEAD,
     InitContext,
@@ -33,6 +34,7 @@ from protoseg.components.reliability import (
     reliable_cross_entropy,
 )
 from protoseg.components.teacher import EMATeacher, TeacherSettings
+from protoseg.components.weak_strong import WeakToStrongSettings, cutmix_boxes, strong_view
 
 __all__ = [
     "PROTOTYPE_HEAD",
@@ -41,6 +43,7 @@ __all__ = [
     "ContrastConfig",
     "EMATeacher",
     "InitContext",
+    "PhotometricAugment",
     "PrototypeBank",
     "PrototypeBranch",
     "PrototypeConfig",
@@ -49,6 +52,7 @@ __all__ = [
     "SelfTrainingSettings",
     "SupervisedObjective",
     "TeacherSettings",
+    "WeakToStrongSettings",
     "above_percentile",
     "below_percentile",
     "box_masks",
@@ -56,11 +60,13 @@ __all__ = [
     "confident",
     "confident_fraction",
     "contrastive_loss",
+    "cutmix_boxes",
     "hard_labels",
     "masked_cross_entropy",
     "percentile",
     "pixel_entropy",
     "reliable_cross_entropy",
     "strong_augment",
+    "strong_view",
     "valid_pixels",
 ]

@@ -5,6 +5,8 @@ training step: each method writes its own."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -66,9 +68,11 @@ class MethodBase(nn.Module):
         """Run the student through ``module`` (a DDP/compiled wrapper of ``student``)."""
         self._forward = [module]
 
-    def run_student(self, images: Tensor) -> dict[str, Tensor]:
-        """Forward the student (through its wrapper, if any)."""
-        return self._forward[0](images)
+    def run_student(self, images: Tensor, **kwargs: Any) -> dict[str, Tensor]:
+        """Forward the student (through its wrapper, if any), with the network's options."""
+        # Options go through the wrapper's forward, never a side method: DDP only
+        # synchronises gradients of what its forward ran.
+        return self._forward[0](images, **kwargs)
 
     def in_warmup(self, step: int) -> bool:
         """True while only the supervised loss trains the student."""

@@ -7,7 +7,7 @@ network has 62,623,189 parameters, the release's count.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -126,17 +126,36 @@ class DeepLabV3Plus(nn.Module):
                 nn.Conv2d(head_channels, num_classes, 1),
             )
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """Return ``logits`` and ``aux`` at the input size and the stride-4 ``features``."""
-        size = x.shape[-2:]
+    def forward(
+        self, x: Tensor, perturb: Callable[[Tensor], Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """Return ``logits`` and ``aux`` at the input size and the stride-4 ``features``.
+
+        With ``perturb`` (e.g. channel dropout) the decoder also runs on the perturbed
+        low-level and last encoder maps, and the output gains ``perturbed_logits``. Clean
+        and perturbed maps go through the decoder as one batch, so train-mode BatchNorm
+        normalises them together (UniMatch's feature-perturbation stream).
+        """
+        size, n = x.shape[-2:], x.shape[0]
         low, mid, high = self.backbone(x)
-        low = self.low_level(low)
-        context = _resize(self.aspp(high), low.shape[-2:])
-        features = torch.cat([low, context], 1)
-        out = {"logits": _resize(self.classifier(features), size), "features": features}
+        if perturb is not None:
+            low, high = torch.cat([low, perturb(low)]), torch.cat([high, perturb(high)])
+        logits, features = self._decode(low, high, size)
+        out = {"logits": logits[:n], "features": features[:n]}
+        if perturb is not None:
+            out["perturbed_logits"] = logits[n:]
         if self.aux is not None:
             out["aux"] = _resize(self.aux(mid), size)
         return out
+
+    def _decode(
+        self, low: Tensor, high: Tensor, size: torch.Size | tuple[int, int]
+    ) -> tuple[Tensor, Tensor]:
+        """Logits at ``size`` and the stride-4 features of encoder maps (low-level, last)."""
+        low = self.low_level(low)
+        context = _resize(self.aspp(high), low.shape[-2:])
+        features = torch.cat([low, context], 1)
+        return _resize(self.classifier(features), size), features
 
     def classify(self, features: Tensor) -> Tensor:
         """Apply the classifier head to a feature map, without upsampling."""

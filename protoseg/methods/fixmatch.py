@@ -1,0 +1,124 @@
+"""FixMatch for segmentation, as UniMatch releases it (its ``fixmatch.py``).
+
+Pseudo-labels are the argmax of the weak view's prediction, kept where its confidence
+reaches tau; they supervise the student's prediction of a strong view (photometric
+augmentation and a CutMix box per image). The loss is (L_x + L_s) / 2 (``fixmatch.py``
+line 166). The prediction of the weak view is the student's own, from the train-mode pass
+it shares with the labelled batch, detached (lines 146-151; ``teacher: self``), or an EMA
+teacher's (``teacher: ema``, this module's option). UniMatch takes the pseudo-labels
+pasted inside a box from an eval-mode prediction of a second unlabelled batch (lines
+132-137); here the partner is image (i + 1) mod B of the same batch and its pseudo-labels
+come from the same pass as the image's own (see ``components.weak_strong``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from protoseg.components import (
+    EMATeacher,
+    PhotometricAugment,
+    TeacherSettings,
+    WeakToStrongSettings,
+    confident,
+    confident_fraction,
+    cutmix_boxes,
+    hard_labels,
+    masked_cross_entropy,
+    strong_view,
+    valid_pixels,
+)
+from protoseg.config import Config, MethodConfig
+from protoseg.methods import register_method
+from protoseg.methods.common import MethodBase, split_outputs
+from protoseg.methods.protocol import Batch, StepOutput
+
+TEACHERS = ("self", "ema")
+
+
+@dataclass
+class FixMatchConfig(WeakToStrongSettings, TeacherSettings, MethodConfig):
+    """Where the pseudo-labels come from, tau and the strong view's CutMix."""
+
+    name: str = "fixmatch"
+    # "self": the student's own prediction of the weak view (UniMatch's FixMatch);
+    # "ema": an EMA teacher's (ema_decay and teacher_bn apply only then).
+    teacher: str = "self"
+    # UniMatch trains on unlabelled images from the first step (TeacherSettings says 1).
+    warmup_epochs: float = 0.0
+
+    def check(self) -> None:
+        """Validate the weak-to-strong and teacher settings and the teacher's kind."""
+        WeakToStrongSettings.check(self)
+        TeacherSettings.check(self)
+        if self.teacher not in TEACHERS:
+            raise ValueError(
+                f"method.teacher={self.teacher!r}: choose one of {', '.join(TEACHERS)}"
+            )
+
+
+@register_method("fixmatch", FixMatchConfig)
+class FixMatch(MethodBase):
+    """Confident pseudo-labels of the weak view supervise a photometric + CutMix view."""
+
+    uses_unlabeled = True
+
+    def __init__(self, model: nn.Module, cfg: Config) -> None:
+        super().__init__(model, cfg)
+        self.config: FixMatchConfig = cfg.method
+        c = self.config
+        self.teacher: EMATeacher | None = None
+        if c.teacher == "ema":
+            self.teacher = EMATeacher(model, c.ema_decay, c.teacher_bn)
+        self.photometric = PhotometricAugment(cfg.data.mean, cfg.data.std)
+
+    def training_step(self, labeled: Batch, unlabeled: Batch | None, step: int) -> StepOutput:
+        """Supervised loss, and after warm-up the masked CE of the strong view, halved."""
+        c = self.config
+        if self.in_warmup(step) or unlabeled is None:
+            return self.supervised_step(labeled)
+        x_l, y_l, x_w = labeled["image"], labeled["mask"], unlabeled["image"]
+        valid = valid_pixels(unlabeled, x_w)
+        # 1. The student on the labelled batch; pseudo-labels from the weak view.
+        out_l, weak_logits = self.labeled_and_weak(x_l, x_w)
+        labels, conf = hard_labels(weak_logits)
+        # 2. The strong view: its own photometric draws per image and a CutMix box that
+        #    brings the partner's pseudo-labels along. It never feeds the pseudo-labels.
+        b, _, h, w = x_w.shape
+        boxes = cutmix_boxes(c.mix_box, c.mix_prob, b, h, w, x_w.device)
+        x_s, y_s, conf_s, valid_s = strong_view(self.photometric, boxes, x_w, labels, conf, valid)
+        keep = confident(conf_s, c.confidence_threshold, valid_s)
+        # 3. The student on the strong view (its own pass, as in UniMatch's fixmatch.py).
+        out_s = self.run_student(x_s)
+        loss_sup, logs = self.supervised_loss(out_l, y_l)
+        loss_unsup = masked_cross_entropy(out_s["logits"], y_s, keep, valid_s)
+        return {
+            "loss": (loss_sup + loss_unsup) / 2,
+            **logs,
+            "loss_unsup": loss_unsup.detach(),
+            # UniMatch's "mask ratio": confident real pixels of the unmixed weak view.
+            "confident_fraction": confident_fraction(
+                confident(conf, c.confidence_threshold, valid), valid
+            ),
+        }
+
+    def labeled_and_weak(self, x_l: Tensor, x_w: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """The student's outputs of the labelled batch and the weak view's (detached) logits."""
+        if self.teacher is not None:
+            return self.run_student(x_l), self.teacher.predict(x_w)["logits"]
+        # One train-mode pass: the weak view shares BatchNorm statistics with the labelled
+        # batch, as in UniMatch; its gradient-free half only gives the pseudo-labels.
+        out_l, out_w = split_outputs(self.run_student(torch.cat([x_l, x_w])), x_l.shape[0])
+        return out_l, out_w["logits"].detach()
+
+    def after_optimizer_step(self, step: int) -> None:
+        """An EMA teacher follows the student (a copy of it during the warm-up)."""
+        if self.teacher is not None:
+            self.teacher.follow(self.student, step - self.warmup_steps)
+
+    def deployed_network(self) -> nn.Module:
+        """The EMA teacher when there is one, else the student."""
+        return self.teacher.network if self.teacher is not None else self.student
