@@ -10,6 +10,8 @@ METHOD_OVERRIDES = {
     "pcr": ["method.warmup_epochs=0", "method.prototypes.sample_grid=8"],
     "u2pl": ["method.warmup_epochs=0", "method.contrast.low_rank=1", "method.contrast.dim=16"],
     "cps": ["method.warmup_epochs=0"],
+    "fixmatch": ["method.warmup_epochs=0"],
+    "unimatch": ["method.warmup_epochs=0"],
 }
 
 

@@ -154,6 +154,9 @@ def test_every_shipped_config_loads():
     uni_city = load_config("cityscapes/fine/186/fixmatch.yaml")
     assert (uni_city.data.crop_size, uni_city.optim.lr, uni_city.train.epochs) == (801, 0.005, 240)
     assert uni_city.method.confidence_threshold == 0 and not uni_city.model.aux_head
+    # UniMatch draws the scale uniformly; its OHEM keeps 200000 pixels per GPU of 2 crops.
+    assert (uni_city.data.scale_sampling, uni_city.train.ohem_min_kept) == ("uniform", 100000)
+    assert (uni_city.eval.window, uni_city.eval.stride, uni_city.eval.miou) == (801, 534, "release")
 
 
 def test_release_recipes_take_the_releases_training_details():

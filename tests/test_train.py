@@ -202,6 +202,30 @@ def test_teacher_methods_train_through_the_engine(synthetic_root, tmp_path, meth
     assert any(not torch.equal(deployed[k], v) for k, v in student.state_dict().items())
 
 
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [("fixmatch", []), ("fixmatch", ["method.teacher=ema"]), ("unimatch", [])],
+)
+def test_weak_to_strong_methods_train_through_the_engine(synthetic_root, tmp_path, method, extra):
+    cfg = tiny_config(
+        synthetic_root,
+        tmp_path / method,
+        method,
+        "train.iterations=2",
+        "train.log_every=1",
+        "method.confidence_threshold=0",
+        *extra,
+    )
+    trainer = Trainer(cfg)
+    result = trainer.fit()
+    terms = {"loss_sup", "loss_unsup", "confident_fraction"}
+    terms |= {"loss_fp"} if method == "unimatch" else set()
+    assert all(terms <= set(h) and h["loss_unsup"] > 0 for h in result.history)
+    deployed = trainer.method.deploy()["network"]
+    assert (deployed is trainer.method.student) == ("method.teacher=ema" not in extra)
+    assert math.isfinite(result.final["linear"].miou)
+
+
 def test_corrupt_checkpoint_is_reported(synthetic_root, tmp_path):
     folder = tmp_path / "c" / "checkpoints"
     folder.mkdir(parents=True)

@@ -42,7 +42,8 @@ def random_area_boxes(
     The area is a fraction U(``area``) of the image, the ratio height/width U(``aspect``)
     and the top-left corner uniform over the image; the ratio and the corner are redrawn
     until the box lies inside the image (UniMatch's ``obtain_cutmix_box``, which also
-    truncates the sides to whole pixels).
+    truncates the sides to whole pixels). An image where no placement fits in
+    ``MAX_BOX_TRIES`` (only very elongated ones) gets no box, where UniMatch would loop on.
     """
     masks = torch.zeros(batch, height, width, dtype=torch.bool, device=device)
     for i in range(batch):

@@ -45,7 +45,7 @@ class FixMatchConfig(WeakToStrongSettings, TeacherSettings, MethodConfig):
 
     name: str = "fixmatch"
     # "self": the student's own prediction of the weak view (UniMatch's FixMatch);
-    # "ema": an EMA teacher's (ema_decay and teacher_bn apply only then).
+    # "ema": an EMA teacher's (ema_decay, teacher_bn and ema_start apply only then).
     teacher: str = "self"
     # UniMatch trains on unlabelled images from the first step (TeacherSettings says 1).
     warmup_epochs: float = 0.0
@@ -70,13 +70,15 @@ class FixMatch(MethodBase):
         super().__init__(model, cfg)
         self.config: FixMatchConfig = cfg.method
         c = self.config
+        # MethodBase moves an EMA teacher after each step and deploys it; without one the
+        # student is deployed.
         self.teacher: EMATeacher | None = None
         if c.teacher == "ema":
-            self.teacher = EMATeacher(model, c.ema_decay, c.teacher_bn)
+            self.teacher = EMATeacher.from_settings(model, c)
         self.photometric = PhotometricAugment(cfg.data.mean, cfg.data.std)
 
     def training_step(self, labeled: Batch, unlabeled: Batch | None, step: int) -> StepOutput:
-        """Supervised loss, and after warm-up the masked CE of the strong view, halved."""
+        """(Supervised loss + masked CE of the strong view) / 2; the supervised loss in warm-up."""
         c = self.config
         if self.in_warmup(step) or unlabeled is None:
             return self.supervised_step(labeled)
@@ -93,6 +95,8 @@ class FixMatch(MethodBase):
         keep = confident(conf_s, c.confidence_threshold, valid_s)
         # 3. The student on the strong view (its own pass, as in UniMatch's fixmatch.py).
         out_s = self.run_student(x_s)
+        if self.teacher is not None:  # teacher_bn=student_batch: BN moves on these images
+            self.teacher.refresh_bn(torch.cat([x_l, x_s]))
         loss_sup, logs = self.supervised_loss(out_l, y_l)
         loss_unsup = masked_cross_entropy(out_s["logits"], y_s, keep, valid_s)
         return {
@@ -113,12 +117,3 @@ class FixMatch(MethodBase):
         # batch, as in UniMatch; its gradient-free half only gives the pseudo-labels.
         out_l, out_w = split_outputs(self.run_student(torch.cat([x_l, x_w])), x_l.shape[0])
         return out_l, out_w["logits"].detach()
-
-    def after_optimizer_step(self, step: int) -> None:
-        """An EMA teacher follows the student (a copy of it during the warm-up)."""
-        if self.teacher is not None:
-            self.teacher.follow(self.student, step - self.warmup_steps)
-
-    def deployed_network(self) -> nn.Module:
-        """The EMA teacher when there is one, else the student."""
-        return self.teacher.network if self.teacher is not None else self.student
