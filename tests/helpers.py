@@ -12,6 +12,8 @@ METHOD_OVERRIDES = {
     "cps": ["method.warmup_epochs=0"],
     "fixmatch": ["method.warmup_epochs=0"],
     "unimatch": ["method.warmup_epochs=0"],
+    "fixmatch+pcr": ["method.warmup_epochs=0", "method.prototypes.sample_grid=8"],
+    "unimatch+pcr": ["method.warmup_epochs=0", "method.prototypes.sample_grid=8"],
 }
 
 

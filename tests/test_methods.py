@@ -68,6 +68,41 @@ class TestUniMatch(MethodContract):
     name, overrides, warmup = "unimatch", WEAK_STRONG, WARMUP
 
 
+PLUG_IN = ("method.warmup_epochs=0", "method.prototypes.sample_grid=8")
+
+
+class TestFixMatchPCR(MethodContract):
+    name, overrides, warmup = "fixmatch+pcr", (*WEAK_STRONG, *PLUG_IN), WARMUP
+
+
+class TestUniMatchPCR(MethodContract):
+    name, overrides, warmup = "unimatch+pcr", (*WEAK_STRONG, *PLUG_IN), WARMUP
+
+
+@pytest.mark.parametrize("contract", [TestFixMatchPCR, TestUniMatchPCR])
+def test_pcr_plugs_into_weak_to_strong_methods(contract, monkeypatch):
+    method, _ = contract().build()
+    assert method.heads == ("linear", "prototype")
+    labeled, unlabeled = batches()
+    seen = {}
+    losses = method.prototype_losses
+
+    def spy(out_l, out_u, y_l, labels_u, keep_u, valid_u, *rest):
+        seen["unlabelled_images"] = out_u["features"].shape[0]
+        return losses(out_l, out_u, y_l, labels_u, keep_u, valid_u, *rest)
+
+    monkeypatch.setattr(method, "prototype_losses", spy)
+    before = method.branch.bank.prototypes.clone()
+    out = method.training_step(labeled, unlabeled, step=0)
+    assert out["loss_proto_unsup"].item() > 0 and out["loss_proto_sup"].item() > 0
+    # FixMatch's branch sees its strong view; UniMatch's both strong views.
+    strong_views = 2 if contract is TestUniMatchPCR else 1
+    assert seen["unlabelled_images"] == strong_views * unlabeled["image"].shape[0]
+    method.after_optimizer_step(0)
+    assert not torch.equal(method.branch.bank.prototypes, before)
+    assert "prototype" in method.deploy()["heads"]
+
+
 def test_every_registered_method_has_a_contract_test():
     tested = {cls.name for cls in MethodContract.__subclasses__()}
     assert tested == set(METHODS)

@@ -21,14 +21,17 @@ _M = TypeVar("_M", bound=type[nn.Module])
 
 
 def register_method(name: str, config_class: type[MethodConfig]) -> Callable[[_M], _M]:
-    """Class decorator: register a method and the dataclass its ``method:`` section uses."""
+    """Class decorator: register a method and the dataclass its ``method:`` section uses.
+
+    One class may be registered under several names with different config dataclasses
+    (e.g. ``fixmatch`` and ``fixmatch+pcr``, whose config adds a ``prototypes`` block).
+    """
 
     def add(cls: _M) -> _M:
         if name in METHODS and METHODS[name] is not cls:
             raise ValueError(f"method {name!r} is registered twice")
         METHODS[name] = cls
         METHOD_CONFIGS[name] = config_class
-        cls.method_name = name  # type: ignore[attr-defined]
         return cls
 
     return add

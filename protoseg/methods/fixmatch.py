@@ -13,7 +13,7 @@ come from the same pass as the image's own (see ``components.weak_strong``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from protoseg.components import (
     EMATeacher,
     PhotometricAugment,
+    PrototypeConfig,
     TeacherSettings,
     WeakToStrongSettings,
     confident,
@@ -99,9 +100,12 @@ class FixMatch(MethodBase):
             self.teacher.refresh_bn(torch.cat([x_l, x_s]))
         loss_sup, logs = self.supervised_loss(out_l, y_l)
         loss_unsup = masked_cross_entropy(out_s["logits"], y_s, keep, valid_s)
+        # 4. With a prototypes block (fixmatch+pcr): PCR's branch on the strong view.
+        loss_proto, proto_logs = self.prototype_losses(out_l, out_s, y_l, y_s, keep, valid_s)
         return {
-            "loss": (loss_sup + loss_unsup) / 2,
+            "loss": (loss_sup + loss_unsup) / 2 + loss_proto,
             **logs,
+            **proto_logs,
             "loss_unsup": loss_unsup.detach(),
             # UniMatch's "mask ratio": confident real pixels of the unmixed weak view.
             "confident_fraction": confident_fraction(
@@ -117,3 +121,25 @@ class FixMatch(MethodBase):
         # batch, as in UniMatch; its gradient-free half only gives the pseudo-labels.
         out_l, out_w = split_outputs(self.run_student(torch.cat([x_l, x_w])), x_l.shape[0])
         return out_l, out_w["logits"].detach()
+
+
+@dataclass
+class FixMatchPCRConfig(FixMatchConfig):
+    """FixMatch with PCR's prototype branch plugged in (``fixmatch+pcr``).
+
+    The branch learns from the strong view and its pseudo-labels, as PCR's does from the
+    mixed view.
+    """
+
+    name: str = "fixmatch+pcr"
+    # The bank's k-means needs a trained student: a supervised warm-up, as PCR's.
+    warmup_epochs: float = 1.0
+    prototypes: PrototypeConfig = field(default_factory=PrototypeConfig)
+
+    def check(self) -> None:
+        """Validate FixMatch's settings and the prototype block."""
+        super().check()
+        self.prototypes.check()
+
+
+register_method("fixmatch+pcr", FixMatchPCRConfig)(FixMatch)

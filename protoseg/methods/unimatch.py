@@ -18,7 +18,7 @@ of the same batch and its pseudo-labels come from the same pass as the image's o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from protoseg.components import (
     PhotometricAugment,
+    PrototypeConfig,
     WeakToStrongSettings,
     confident,
     confident_fraction,
@@ -103,9 +104,15 @@ class UniMatch(MethodBase):
         loss_strong = torch.stack(strong_losses).mean()
         loss_fp = masked_cross_entropy(out_w["perturbed_logits"], labels, keep_w, valid)
         loss = (loss_sup + c.strong_weight * loss_strong + c.fp_weight * loss_fp) / 2
+        # 5. With a prototypes block (unimatch+pcr): PCR's branch on both strong views.
+        y_s, conf_s, valid_s = (torch.cat([v[i] for v in views]) for i in (1, 2, 3))
+        keep_s = confident(conf_s, c.confidence_threshold, valid_s)
+        out_s = {k: torch.cat([out_s1[k], out_s2[k]]) for k in ("features",)}
+        loss_proto, proto_logs = self.prototype_losses(out_l, out_s, y_l, y_s, keep_s, valid_s)
         return {
-            "loss": loss,
+            "loss": loss + loss_proto,
             **logs,
+            **proto_logs,
             "loss_unsup": loss_strong.detach(),
             "loss_fp": loss_fp.detach(),
             # UniMatch's "mask ratio": confident real pixels of the unmixed weak view.
@@ -119,3 +126,24 @@ class UniMatch(MethodBase):
         fresh ``nn.Dropout2d`` does; the stream only runs in training steps.
         """
         return F.dropout2d(features, p=self.config.fp_dropout, training=True)
+
+
+@dataclass
+class UniMatchPCRConfig(UniMatchConfig):
+    """UniMatch with PCR's prototype branch plugged in (``unimatch+pcr``).
+
+    The branch learns from both strong views and their pseudo-labels.
+    """
+
+    name: str = "unimatch+pcr"
+    # The bank's k-means needs a trained student: a supervised warm-up, as PCR's.
+    warmup_epochs: float = 1.0
+    prototypes: PrototypeConfig = field(default_factory=PrototypeConfig)
+
+    def check(self) -> None:
+        """Validate UniMatch's settings and the prototype block."""
+        super().check()
+        self.prototypes.check()
+
+
+register_method("unimatch+pcr", UniMatchPCRConfig)(UniMatch)
