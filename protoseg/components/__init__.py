@@ -16,6 +16,7 @@ from protoseg.components.prototype_branch import (
     InitContext,
     PrototypeBranch,
     PrototypeConfig,
+    PrototypePlugIn,
     build_prototype_head,
 )
 from protoseg.components.prototypes import PrototypeBank, PrototypeSegmenter
@@ -47,6 +48,7 @@ __all__ = [
     "PrototypeBank",
     "PrototypeBranch",
     "PrototypeConfig",
+    "PrototypePlugIn",
     "PrototypeSegmenter",
     "SegmentationLoss",
     "SelfTrainingSettings",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Sized
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,23 @@ class PrototypeConfig:
             raise ValueError(
                 "method.prototypes.sample_grid must be >= 0 and .init_pixels_per_class > 0"
             )
+
+
+@dataclass
+class PrototypePlugIn:
+    """Mixed into a method's config (first among its bases) to plug PCR's branch in.
+
+    Adds the ``prototypes:`` block and a supervised warm-up (the bank's k-means needs a
+    trained student), e.g. ``class FixMatchPCRConfig(PrototypePlugIn, FixMatchConfig)``.
+    """
+
+    warmup_epochs: float = 1.0
+    prototypes: PrototypeConfig = field(default_factory=PrototypeConfig)
+
+    def check(self) -> None:
+        """Validate the base method's settings, then the prototype block."""
+        super().check()  # type: ignore[misc]
+        self.prototypes.check()
 
 
 @dataclass

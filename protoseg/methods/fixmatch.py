@@ -13,7 +13,7 @@ come from the same pass as the image's own (see ``components.weak_strong``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from protoseg.components import (
     EMATeacher,
     PhotometricAugment,
-    PrototypeConfig,
+    PrototypePlugIn,
     TeacherSettings,
     WeakToStrongSettings,
     confident,
@@ -124,7 +124,7 @@ class FixMatch(MethodBase):
 
 
 @dataclass
-class FixMatchPCRConfig(FixMatchConfig):
+class FixMatchPCRConfig(PrototypePlugIn, FixMatchConfig):
     """FixMatch with PCR's prototype branch plugged in (``fixmatch+pcr``).
 
     The branch learns from the strong view and its pseudo-labels, as PCR's does from the
@@ -132,14 +132,6 @@ class FixMatchPCRConfig(FixMatchConfig):
     """
 
     name: str = "fixmatch+pcr"
-    # The bank's k-means needs a trained student: a supervised warm-up, as PCR's.
-    warmup_epochs: float = 1.0
-    prototypes: PrototypeConfig = field(default_factory=PrototypeConfig)
-
-    def check(self) -> None:
-        """Validate FixMatch's settings and the prototype block."""
-        super().check()
-        self.prototypes.check()
 
 
 register_method("fixmatch+pcr", FixMatchPCRConfig)(FixMatch)

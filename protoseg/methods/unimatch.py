@@ -18,7 +18,7 @@ of the same batch and its pseudo-labels come from the same pass as the image's o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from protoseg.components import (
     PhotometricAugment,
-    PrototypeConfig,
+    PrototypePlugIn,
     WeakToStrongSettings,
     confident,
     confident_fraction,
@@ -129,21 +129,13 @@ class UniMatch(MethodBase):
 
 
 @dataclass
-class UniMatchPCRConfig(UniMatchConfig):
+class UniMatchPCRConfig(PrototypePlugIn, UniMatchConfig):
     """UniMatch with PCR's prototype branch plugged in (``unimatch+pcr``).
 
     The branch learns from both strong views and their pseudo-labels.
     """
 
     name: str = "unimatch+pcr"
-    # The bank's k-means needs a trained student: a supervised warm-up, as PCR's.
-    warmup_epochs: float = 1.0
-    prototypes: PrototypeConfig = field(default_factory=PrototypeConfig)
-
-    def check(self) -> None:
-        """Validate UniMatch's settings and the prototype block."""
-        super().check()
-        self.prototypes.check()
 
 
 register_method("unimatch+pcr", UniMatchPCRConfig)(UniMatch)
