@@ -22,6 +22,7 @@ from protoseg.components.prototype_branch import (
 from protoseg.components.prototypes import PrototypeBank, PrototypeSegmenter
 from protoseg.components.pseudo_label import (
     SelfTrainingSettings,
+    check_strong_augmentation,
     confident,
     confident_fraction,
     hard_labels,
@@ -59,6 +60,7 @@ __all__ = [
     "below_percentile",
     "box_masks",
     "build_prototype_head",
+    "check_strong_augmentation",
     "confident",
     "confident_fraction",
     "contrastive_loss",

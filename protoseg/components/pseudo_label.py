@@ -44,14 +44,18 @@ class SelfTrainingSettings:
 
     def check(self) -> None:
         """Raise ValueError naming the key of an invalid value."""
-        from protoseg.components.augment import STRONG_AUGMENTATIONS
-
         if not 0.0 <= self.confidence_threshold <= 1.0:
             raise ValueError("method.confidence_threshold must lie in [0, 1]")
-        if self.strong_aug not in STRONG_AUGMENTATIONS:
-            raise ValueError(
-                f"method.strong_aug={self.strong_aug!r}: choose one of "
-                f"{', '.join(STRONG_AUGMENTATIONS)}"
-            )
-        if not 0.0 <= self.mix_prob <= 1.0:
-            raise ValueError("method.mix_prob must lie in [0, 1]")
+        check_strong_augmentation(self.strong_aug, self.mix_prob)
+
+
+def check_strong_augmentation(name: str, mix_prob: float) -> None:
+    """ValueError naming ``method.strong_aug`` / ``method.mix_prob`` when either is invalid."""
+    from protoseg.components.augment import STRONG_AUGMENTATIONS
+
+    if name not in STRONG_AUGMENTATIONS:
+        raise ValueError(
+            f"method.strong_aug={name!r}: choose one of {', '.join(STRONG_AUGMENTATIONS)}"
+        )
+    if not 0.0 <= mix_prob <= 1.0:
+        raise ValueError("method.mix_prob must lie in [0, 1]")

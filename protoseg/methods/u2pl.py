@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protoseg.components import (
-    STRONG_AUGMENTATIONS,
     ClassQueues,
     ContrastConfig,
     EMATeacher,
     TeacherSettings,
     above_percentile,
     below_percentile,
+    check_strong_augmentation,
     contrastive_loss,
     hard_labels,
     pixel_entropy,
@@ -61,13 +61,7 @@ class U2PLConfig(TeacherSettings, MethodConfig):
             raise ValueError("method.drop_percent must lie in [0, 100]")
         if self.teacher_copy_epochs < 0:
             raise ValueError("method.teacher_copy_epochs must be >= 0")
-        if self.strong_aug not in STRONG_AUGMENTATIONS:
-            raise ValueError(
-                f"method.strong_aug={self.strong_aug!r}: choose one of "
-                f"{', '.join(STRONG_AUGMENTATIONS)}"
-            )
-        if not 0.0 <= self.mix_prob <= 1.0:
-            raise ValueError("method.mix_prob must lie in [0, 1]")
+        check_strong_augmentation(self.strong_aug, self.mix_prob)
 
 
 def representation_head(in_ch: int, hidden: int, out_ch: int, dropout: float) -> nn.Sequential:
