@@ -285,3 +285,13 @@ def test_print_config_and_help_texts(capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args([command, "--help"])
         assert ("Overrides are dotted keys" in capsys.readouterr().out) == takes_overrides
+
+
+def test_every_full_demo_run_has_a_valid_config(tmp_path):
+    from protoseg.cli.demo import build_run_config, default_runs
+
+    runs = default_runs(full=True)
+    assert len(runs) > 3
+    for spec in runs:
+        cfg = build_run_config(spec, tmp_path / "data", tmp_path / spec.name, 0, None, "cpu")
+        assert cfg.train.out_dir == str(tmp_path / spec.name)

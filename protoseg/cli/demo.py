@@ -67,7 +67,7 @@ def default_runs(full: bool = False, methods: list[str] | None = None) -> list[R
                 ["method.linear_head=false"],
                 head="prototype",
             ),
-            RunSpec("pcr_no_update", "synthetic/pcr.yaml", ["method.update_prototypes=false"]),
+            RunSpec("pcr_no_update", "synthetic/pcr.yaml", ["method.prototypes.update=false"]),
             RunSpec("mean_teacher", "synthetic/mean_teacher.yaml"),
         ]
         for aug in ("cutout", "classmix"):
