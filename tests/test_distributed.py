@@ -28,7 +28,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, args: list[str]) -> None:
+def _as_torchrun_rank(rank: int, world: int, port: int) -> None:
+    """The environment torchrun gives one process of a single-node job (one thread each)."""
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -37,6 +38,10 @@ def _ddp_worker(rank: int, world: int, port: int, args: list[str]) -> None:
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
+
+
+def _ddp_worker(rank: int, world: int, port: int, args: list[str]) -> None:
+    _as_torchrun_rank(rank, world, port)
     from protoseg.distributed import cleanup
 
     try:
@@ -142,14 +147,7 @@ def test_sigkill_mid_training_resumes_to_the_same_weights(synthetic_root, tmp_pa
 
 
 def _wrapped_student_worker(rank: int, world: int, port: int, root, out) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+    _as_torchrun_rank(rank, world, port)
     from helpers import METHOD_OVERRIDES
 
     from protoseg.distributed import cleanup
