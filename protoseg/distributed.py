@@ -51,7 +51,7 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def _resolve_device(device_pref: str, local_rank: int) -> torch.device:
+def resolve_device(device_pref: str, local_rank: int = 0) -> torch.device:
     """Turn a device preference ("auto", "cpu", "cuda", "cuda:N") into a device."""
     pref = device_pref.strip().lower()
     if pref == "auto":
@@ -89,7 +89,7 @@ def init_distributed(device_pref: str = "auto") -> tuple[DistInfo, torch.device]
     local_rank = _env_int("LOCAL_RANK", rank)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"invalid torchrun environment: RANK={rank} WORLD_SIZE={world_size}")
-    device = _resolve_device(device_pref, local_rank)
+    device = resolve_device(device_pref, local_rank)
     if device.type == "cuda":
         # Later bare .cuda() calls and NCCL collectives must land on this rank's GPU.
         torch.cuda.set_device(device)

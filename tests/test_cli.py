@@ -183,9 +183,12 @@ def test_release_recipes_take_the_releases_training_details():
 # End to end (tens of seconds): in `make test-all`, not the default suite.
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    assert (
-        main(["demo", "--out", str(tmp_path / "demo"), "--iterations", "2", "--device", "cpu"]) == 0
-    )
+    # A tiny pretraining (the default one takes minutes), which every run then starts from.
+    tiny = ["--num-images", "64", "--epochs", "1", "--device", "cpu"]
+    assert main(["pretrain", "--out", str(tmp_path / "backbone"), *tiny]) == 0
+    (weights,) = (tmp_path / "backbone").glob("*.safetensors")
+    demo = ["demo", "--out", str(tmp_path / "demo"), "--iterations", "2", "--device", "cpu"]
+    assert main([*demo, "--pretrained", str(weights)]) == 0
     out = capsys.readouterr().out
     for name in ("supervised", "cutmix_seg", "pcr"):
         assert name in out
@@ -196,6 +199,9 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         assert (tmp_path / "demo" / png).stat().st_size > 2000
     rows = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert [r["name"] for r in rows] == ["supervised", "cutmix_seg", "pcr"]
+    for name in ("supervised", "pcr"):
+        config = (tmp_path / "demo" / name / "config.yaml").read_text()
+        assert f"pretrained: {weights}" in config
 
 
 def test_demo_regenerates_a_stale_dataset_and_keeps_foreign_folders(tmp_path):

@@ -1,7 +1,8 @@
 """``protoseg demo``: the paper's comparison, small enough for a CPU, on the synthetic set.
 
-Trains each method with the same budget and seed on the built-in synthetic dataset,
-evaluates it, prints a comparison table and writes a Markdown report with plots.
+Pretrains the backbone on the synthetic classification set (once; cached), trains each
+method from it with the same budget and seed on the built-in synthetic dataset, evaluates it,
+prints a comparison table and writes a Markdown report with plots.
 """
 
 from __future__ import annotations
@@ -100,9 +101,15 @@ def build_run_config(
     iterations: int | None,
     device: str,
     extra: list[str] | None = None,
+    pretrained: Path | None = None,
 ) -> Config:
-    """The Config of one demo run: the shipped recipe plus the run's own overrides."""
+    """The Config of one demo run: the shipped recipe plus the run's own overrides.
+
+    ``pretrained`` is the backbone file every run of a comparison starts from (the cached
+    output of ``protoseg pretrain``); None keeps the recipe's own ``model.pretrained``.
+    """
     overrides = [
+        *([f"model.pretrained={pretrained}"] if pretrained is not None else []),
         f"data.root={data_root}",
         f"data.labeled_split=splits/{spec.labeled}/labeled.txt",
         f"data.unlabeled_split=splits/{spec.labeled}/unlabeled.txt",
@@ -177,6 +184,31 @@ def ensure_dataset(data_root: Path, seed: int = 0) -> Path:
     return data_root
 
 
+def ensure_backbone(
+    cache_dir: Path, pretrained: str | None = None, device: str = "auto"
+) -> Path | None:
+    """The backbone file a comparison starts from.
+
+    ``pretrained`` None: the synthetic pretraining's weights, cached in ``cache_dir`` (trained
+    there first, about three minutes on two CPU cores, when absent); "none": random
+    initialisation (the recipe's own value); anything else: that weights file.
+    """
+    if pretrained is None:
+        from protoseg.engine.pretrain import ensure_pretrained
+
+        # Absolute: runs may be launched from other folders (benchmarks/replicate.py's).
+        return ensure_pretrained(cache_dir, device=device).file.resolve()
+    if pretrained.lower() == "none":
+        return None
+    path = Path(pretrained)
+    if not path.is_file():
+        raise DataError(
+            f"--pretrained {pretrained}: no such file; give a weights file written by "
+            "`protoseg pretrain`, or 'none' for randomly initialised backbones"
+        )
+    return path.resolve()
+
+
 def format_comparison(outcomes: list[RunOutcome], class_names: list[str]) -> str:
     """A text table: one row per run with mIoU, per-class IoU and training time."""
     names = [n[:10] for n in class_names]
@@ -199,16 +231,25 @@ def run_demo(
     seed: int = 0,
     iterations: int | None = None,
     device: str = "auto",
+    pretrained: str | None = None,
 ) -> list[RunOutcome]:
-    """Run the comparison, print the table, write ``report.md`` with plots; return the rows."""
+    """Run the comparison, print the table, write ``report.md`` with plots; return the rows.
+
+    Every run starts from the same backbone: see :func:`ensure_backbone` for ``pretrained``.
+    """
     out = Path(out)
     started = time.perf_counter()
+    backbone = ensure_backbone(out / "pretrained", pretrained, device)
     data_root = ensure_dataset(out / "data")
     outcomes = []
     specs = default_runs(full, methods)
-    cfg = build_run_config(specs[0], data_root, out / specs[0].name, seed, iterations, device)
+    cfg = build_run_config(
+        specs[0], data_root, out / specs[0].name, seed, iterations, device, pretrained=backbone
+    )
     for spec in specs:
-        cfg = build_run_config(spec, data_root, out / spec.name, seed, iterations, device)
+        cfg = build_run_config(
+            spec, data_root, out / spec.name, seed, iterations, device, pretrained=backbone
+        )
         log.info("demo: training %s", spec.name)
         outcomes.append(train_run(cfg, spec))
     table = format_comparison(outcomes, list(SYNTHETIC_CLASSES))

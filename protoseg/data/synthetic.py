@@ -84,7 +84,7 @@ class Scene:
     objects: list[SceneObject]
 
 
-def _ellipse(a: float, b: float, n: int = 36) -> np.ndarray:
+def ellipse_points(a: float, b: float, n: int = 36) -> np.ndarray:
     t = np.linspace(0.0, 2.0 * math.pi, n, endpoint=False)
     return np.stack([a * np.cos(t), b * np.sin(t)], axis=1)
 
@@ -96,9 +96,9 @@ def _rect(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
 def _shape_parts(shape: str, r: float, rng: np.random.Generator) -> list[tuple[np.ndarray, int]]:
     """Polygons in object coordinates with the value to paint (255 solid, 0 hole), in order."""
     if shape == "circle":
-        return [(_ellipse(r, r), 255)]
+        return [(ellipse_points(r, r), 255)]
     if shape == "ellipse":
-        return [(_ellipse(r * 1.15, r * rng.uniform(0.5, 0.65)), 255)]
+        return [(ellipse_points(r * 1.15, r * rng.uniform(0.5, 0.65)), 255)]
     if shape == "blob":
         t = np.linspace(0.0, 2.0 * math.pi, 11, endpoint=False)
         radius = r * rng.uniform(0.75, 1.1, size=t.size)
@@ -113,7 +113,10 @@ def _shape_parts(shape: str, r: float, rng: np.random.Generator) -> list[tuple[n
     if shape in ("thick", "thin", "oval"):
         aspect = rng.uniform(0.55, 0.7) if shape == "oval" else 1.0
         hole = {"thick": 0.45, "thin": 0.72, "oval": 0.55}[shape]
-        return [(_ellipse(r, r * aspect), 255), (_ellipse(r * hole, r * hole * aspect), 0)]
+        return [
+            (ellipse_points(r, r * aspect), 255),
+            (ellipse_points(r * hole, r * hole * aspect), 0),
+        ]
     if shape in ("plus", "chunky"):
         arm, half = (1.0, 0.22) if shape == "plus" else (0.8, 0.34)
         return [
@@ -172,6 +175,20 @@ def _texture(
         weight = du * du + dv * dv < (0.3 * step) ** 2
     elif kind == "gradient":
         weight = (u - u.min()) / max(float(u.max() - u.min()), 1.0)
+    # The kinds below are the pretraining set's (synthetic_pretrain.py); no segmentation
+    # class wears them.
+    elif kind == "waves":
+        period = rng.uniform(5.0, 8.0)
+        weight = 0.5 + 0.5 * np.sin(2 * math.pi * u / period + 2.0 * np.sin(v / period))
+    elif kind == "grid":
+        cell = rng.uniform(4.0, 6.5)
+        weight = ((u % cell) < 1.3) | ((v % cell) < 1.3)
+    elif kind == "rings":
+        period = rng.uniform(4.0, 6.5)
+        radius = np.hypot(xx - xx.mean(), yy - yy.mean())
+        weight = (radius % period) < period / 2
+    elif kind == "speckle":
+        weight = rng.random(u.shape) < 0.4
     else:
         raise ValueError(f"unknown synthetic texture {kind!r}")
     weight = weight.astype(np.float32)[..., None]
@@ -182,7 +199,13 @@ def _jitter(color: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray
     return np.clip(np.asarray(color, np.float32) + rng.normal(0.0, 10.0, size=3), 0, 255)
 
 
-def _background(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+def draw_background(
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    palettes: Sequence[tuple[tuple[int, int, int], tuple[int, int, int]]] = PALETTES,
+    textures: Sequence[str] = ("stripes", "checker", "dots"),
+) -> np.ndarray:
     """A muted two-colour gradient with low-frequency blotches and a faint texture."""
     grey = np.float32(128.0)
     a = grey + (rng.uniform(20, 235, size=3).astype(np.float32) - grey) * 0.6
@@ -202,16 +225,23 @@ def _background(height: int, width: int, rng: np.random.Generator) -> np.ndarray
     image += np.stack(blotches, axis=-1)
     if rng.random() < 0.5:
         # Object textures also appear faintly in the background, so texture alone is no cue.
-        kind = ["stripes", "checker", "dots"][rng.integers(3)]
-        primary, secondary = (np.asarray(c, np.float32) for c in PALETTES[rng.integers(5)])
+        kind = textures[int(rng.integers(len(textures)))]
+        pair = palettes[int(rng.integers(len(palettes)))]
+        primary, secondary = (np.asarray(c, np.float32) for c in pair)
         faint = _texture(kind, yy, xx, primary, secondary, rng)
         image = image * 0.8 + faint * 0.2
     return image
 
 
-def _clutter(draw: ImageDraw.ImageDraw, height: int, width: int, rng: np.random.Generator) -> None:
+def draw_clutter(
+    draw: ImageDraw.ImageDraw,
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    palettes: Sequence[tuple[tuple[int, int, int], tuple[int, int, int]]] = PALETTES,
+) -> None:
     """Distractor lines, specks and small squares in object colours, labelled background."""
-    colors = [c for pair in PALETTES for c in pair] + [(128, 128, 128)]
+    colors = [c for pair in palettes for c in pair] + [(128, 128, 128)]
     for _ in range(int(rng.integers(3, 9))):
         color = tuple(int(v) for v in colors[rng.integers(len(colors))])
         x, y = float(rng.uniform(0, width)), float(rng.uniform(0, height))
@@ -232,9 +262,9 @@ def _clutter(draw: ImageDraw.ImageDraw, height: int, width: int, rng: np.random.
 
 def render_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
     """Draw one scene of 1-4 objects over a cluttered textured background."""
-    base = _background(height, width, rng)
+    base = draw_background(height, width, rng)
     canvas = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
-    _clutter(ImageDraw.Draw(canvas), height, width, rng)
+    draw_clutter(ImageDraw.Draw(canvas), height, width, rng)
     image = np.asarray(canvas).astype(np.float32)
     mask = np.zeros((height, width), np.uint8)
     instances = np.zeros((height, width), np.uint8)
@@ -248,29 +278,57 @@ def render_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
         cx = rng.uniform(0.12, 0.88) * width
         cy = rng.uniform(0.12, 0.88) * height
         angle = rng.uniform(0.0, 2.0 * math.pi)
-        stencil = Image.new("L", (width, height), 0)
-        draw = ImageDraw.Draw(stencil)
-        for points, value in _shape_parts(mode.shape, radius, rng):
-            draw.polygon(_place(points, cx, cy, angle), fill=value)
-        inside = np.asarray(stencil) > 0
-        if not inside.any():
+        parts = _shape_parts(mode.shape, radius, rng)
+        inside = paint_object(
+            image, parts, (cx, cy, angle), PALETTES[mode.palette], mode.texture, rng
+        )
+        if inside is None:
             continue
-        rows, cols = np.nonzero(inside)
-        top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-        yy, xx = np.mgrid[top:bottom, left:right].astype(np.float32)
-        primary, secondary = (_jitter(c, rng) for c in PALETTES[mode.palette])
-        colors = _texture(mode.texture, yy, xx, primary, secondary, rng)
-        box = inside[top:bottom, left:right]
-        # Later objects overwrite earlier ones: the visible object owns the pixels.
-        image[top:bottom, left:right][box] = colors[box]
-        mask[top:bottom, left:right][box] = class_id
-        instances[top:bottom, left:right][box] = k + 1
+        mask[inside] = class_id
+        instances[inside] = k + 1
         objects.append(SceneObject(class_id, mode_id))
-    image += rng.normal(0.0, rng.uniform(2.0, 7.0), size=image.shape).astype(np.float32)
+    return Scene(finish_image(image, rng), mask, instances, objects)
+
+
+def paint_object(
+    image: np.ndarray,
+    parts: list[tuple[np.ndarray, int]],
+    pose: tuple[float, float, float],
+    palette: tuple[tuple[int, int, int], tuple[int, int, int]],
+    texture: str,
+    rng: np.random.Generator,
+) -> np.ndarray | None:
+    """Paint one textured object into ``image`` in place; return its pixels (None if none).
+
+    ``parts`` are polygons in object coordinates (255 paints, 0 cuts a hole), ``pose`` the
+    centre and angle. Later objects overwrite earlier ones: the visible object owns the pixels.
+    """
+    height, width = image.shape[:2]
+    cx, cy, angle = pose
+    stencil = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(stencil)
+    for points, value in parts:
+        draw.polygon(_place(points, cx, cy, angle), fill=value)
+    inside = np.asarray(stencil) > 0
+    if not inside.any():
+        return None
+    rows, cols = np.nonzero(inside)
+    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    yy, xx = np.mgrid[top:bottom, left:right].astype(np.float32)
+    primary, secondary = (_jitter(c, rng) for c in palette)
+    colors = _texture(texture, yy, xx, primary, secondary, rng)
+    box = inside[top:bottom, left:right]
+    image[top:bottom, left:right][box] = colors[box]
+    return inside
+
+
+def finish_image(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Pixel noise and, for half the images, a slight blur; uint8 (h, w, 3)."""
+    image = image + rng.normal(0.0, rng.uniform(2.0, 7.0), size=image.shape).astype(np.float32)
     out = Image.fromarray(np.clip(image + 0.5, 0, 255).astype(np.uint8))
     if rng.random() < 0.5:
         out = out.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 0.9))))
-    return Scene(np.asarray(out), mask, instances, objects)
+    return np.asarray(out)
 
 
 def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
