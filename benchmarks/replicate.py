@@ -300,6 +300,28 @@ def draw_table(rows: list[dict], methods: list[str], draws: list[int], base: dic
     return lines
 
 
+def class_table(rows: list[dict], methods: list[str]) -> list[str]:
+    """Per method: each class's IoU, mean over its runs (where a method wins or loses)."""
+    from protoseg.data import SYNTHETIC_CLASSES
+
+    lines = ["| method | runs | " + " | ".join(SYNTHETIC_CLASSES) + " |"]
+    lines += ["|---|---|" + "---|" * len(SYNTHETIC_CLASSES)]
+    for m in methods:
+        ious = [
+            r["iou"]
+            for r in rows
+            if r["method"] == m and len(r.get("iou", [])) == len(SYNTHETIC_CLASSES)
+        ]
+        if not ious:
+            continue
+        means = [
+            statistics.mean(v for v in column if v == v) if any(v == v for v in column) else None
+            for column in zip(*ious)
+        ]
+        lines.append(f"| {m} | {len(ious)} | " + " | ".join(fmt(v, 1) for v in means) + " |")
+    return lines
+
+
 def summarise(rows: list[dict], base: dict, header: str = "") -> str:
     """The Markdown summary: spread per axis, ceiling gap, paired tests, per-draw table."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -314,6 +336,8 @@ def summarise(rows: list[dict], base: dict, header: str = "") -> str:
     lines += paired_table(rows, methods)
     lines += ["", f"## mIoU per data draw ({at}; rank among the methods in brackets)", ""]
     lines += draw_table(rows, methods, draws, base)
+    lines += ["", "## IoU per class (mean over each method's runs)", ""]
+    lines += class_table(rows, methods)
     return "\n".join(lines)
 
 

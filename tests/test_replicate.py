@@ -253,3 +253,15 @@ def test_main_plans_runs_and_writes_the_summary(rep, tmp_path, monkeypatch, caps
     monkeypatch.setattr(rep, "launch", lambda task: pytest.fail("a finished run relaunched"))
     assert rep.main(argv) == 0
     assert "for the 0 runs started" in capsys.readouterr().out
+
+
+def test_class_table_averages_each_class_over_a_methods_runs(rep):
+    rows = [
+        {"method": "pcr", "iou": [90.0, 50.0, 10.0, 20.0, 30.0, float("nan")]},
+        {"method": "pcr", "iou": [94.0, 40.0, 30.0, 20.0, 10.0, 60.0]},
+        {"method": "supervised", "iou": [1.0, 2.0]},  # not one IoU per class: left out
+    ]
+    lines = rep.class_table(rows, ["pcr", "supervised"])
+    # The absent class (NaN) counts in no mean; a method without usable rows gets no line.
+    assert lines[2] == "| pcr | 2 | 92.0 | 45.0 | 20.0 | 20.0 | 20.0 | 60.0 |"
+    assert len(lines) == 3
