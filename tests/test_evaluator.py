@@ -407,3 +407,9 @@ def test_two_process_gloo_reduce(tmp_path: Path) -> None:
         assert out["result"]["num_images"] == 2
         assert out["result"]["miou"] == pytest.approx(CONSTANT_MIOU)
     assert outs[0]["result"] == outs[1]["result"]
+
+
+def test_progress_bar_only_on_a_terminal(capsys) -> None:
+    # pytest's captured stderr is no terminal, as a batch job's log is not: no bar there.
+    evaluate(OracleModel(), loader(toy_samples()), NUM_CLASSES, EvalConfig(), "cpu", progress=True)
+    assert "eval" not in capsys.readouterr().err

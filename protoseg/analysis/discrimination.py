@@ -107,7 +107,9 @@ def select_pixels(
     # Rows are (image index, y, x).
     best = {c: (np.empty(0), np.empty((0, 3), dtype=np.int64)) for c in wanted}
     n_images = len(dataset) if max_images is None else min(len(dataset), max_images)
-    for index in tqdm(range(n_images), desc="select pixels", disable=not progress, leave=False):
+    for index in tqdm(
+        range(n_images), desc="select pixels", disable=None if progress else True, leave=False
+    ):
         mask = dataset.load_mask(index)
         if mask is None:
             raise ValueError(
@@ -159,7 +161,12 @@ def sample_features(
     model = predictor.model
     model.eval()
     feats, labels = [], []
-    items = tqdm(selection.positions.items(), desc="features", disable=not progress, leave=False)
+    items = tqdm(
+        selection.positions.items(),
+        desc="features",
+        disable=None if progress else True,
+        leave=False,
+    )
     for index, (ys, xs, lab) in items:
         image = dataset[index]["image"][None].to(predictor.device)
         out = model(image)

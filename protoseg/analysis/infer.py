@@ -191,7 +191,13 @@ def predict_paths(
     # Headers are read up front, so the bar counts only the images that will be predicted.
     batches = list(_size_groups(images, names, batch_size, summary))
     total = sum(len(b) for b in batches)
-    bar = tqdm(total=total, desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        desc="predict",
+        unit="img",
+        disable=None if progress else True,
+        dynamic_ncols=True,
+    )
     try:
         for batch in batches:
             loaded: list[tuple[Image.Image, Path]] = []

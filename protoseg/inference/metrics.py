@@ -168,7 +168,8 @@ def evaluate(
     try:
         batches: Iterable[Mapping[str, Tensor]] = loader
         if progress and info.is_main:
-            batches = tqdm(loader, desc=desc, dynamic_ncols=True, leave=False)
+            # disable=None: a bar on a terminal only, never in a batch job's log.
+            batches = tqdm(loader, desc=desc, dynamic_ncols=True, leave=False, disable=None)
         for batch in batches:
             image = batch["image"].to(device, non_blocking=True)
             mask = batch["mask"].to(device, non_blocking=True)
