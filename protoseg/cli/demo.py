@@ -242,10 +242,7 @@ def run_demo(
     backbone = ensure_backbone(out / "pretrained", pretrained, device)
     data_root = ensure_dataset(out / "data")
     outcomes = []
-    specs = default_runs(full, methods)
-    cfg = build_run_config(
-        specs[0], data_root, out / specs[0].name, seed, iterations, device, pretrained=backbone
-    )
+    specs = default_runs(full, methods)  # never empty: an unknown name is refused there
     for spec in specs:
         cfg = build_run_config(
             spec, data_root, out / spec.name, seed, iterations, device, pretrained=backbone
