@@ -14,6 +14,13 @@ METHOD_OVERRIDES = {
     "unimatch": ["method.warmup_epochs=0"],
     "fixmatch+pcr": ["method.warmup_epochs=0", "method.prototypes.sample_grid=8"],
     "unimatch+pcr": ["method.warmup_epochs=0", "method.prototypes.sample_grid=8"],
+    "u2pl+pcr": [
+        "method.warmup_epochs=0",
+        "method.contrast.low_rank=1",
+        "method.contrast.dim=16",
+        "method.prototypes.sample_grid=8",
+    ],
+    "cps+pcr": ["method.warmup_epochs=0", "method.prototypes.sample_grid=8"],
 }
 
 

@@ -79,8 +79,20 @@ class TestUniMatchPCR(MethodContract):
     name, overrides, warmup = "unimatch+pcr", (*WEAK_STRONG, *PLUG_IN), WARMUP
 
 
-@pytest.mark.parametrize("contract", [TestFixMatchPCR, TestUniMatchPCR])
-def test_pcr_plugs_into_weak_to_strong_methods(contract, monkeypatch):
+class TestU2PLPCR(MethodContract):
+    name, overrides, warmup = "u2pl+pcr", (*U2PL_TINY, *PLUG_IN), WARMUP
+
+
+class TestCPSPCR(MethodContract):
+    name, overrides, warmup = "cps+pcr", PLUG_IN, WARMUP
+
+
+# How many unlabelled views of the batch feed each plug-in's branch.
+PLUG_IN_VIEWS = {TestFixMatchPCR: 1, TestUniMatchPCR: 2, TestU2PLPCR: 1, TestCPSPCR: 1}
+
+
+@pytest.mark.parametrize("contract", list(PLUG_IN_VIEWS))
+def test_pcr_plugs_into_every_base_method(contract, monkeypatch):
     method, _ = contract().build()
     assert method.heads == ("linear", "prototype")
     labeled, unlabeled = batches()
@@ -95,9 +107,9 @@ def test_pcr_plugs_into_weak_to_strong_methods(contract, monkeypatch):
     before = method.branch.bank.prototypes.clone()
     out = method.training_step(labeled, unlabeled, step=0)
     assert out["loss_proto_unsup"].item() > 0 and out["loss_proto_sup"].item() > 0
-    # FixMatch's branch sees its strong view; UniMatch's both strong views.
-    strong_views = 2 if contract is TestUniMatchPCR else 1
-    assert seen["unlabelled_images"] == strong_views * unlabeled["image"].shape[0]
+    # FixMatch's branch sees its strong view, UniMatch's both strong views, U2PL's and
+    # CPS's their mixed view.
+    assert seen["unlabelled_images"] == PLUG_IN_VIEWS[contract] * unlabeled["image"].shape[0]
     method.after_optimizer_step(0)
     assert not torch.equal(method.branch.bank.prototypes, before)
     assert "prototype" in method.deploy()["heads"]
@@ -377,6 +389,27 @@ def test_u2pl_teacher_is_the_student_for_a_copy_epoch_then_an_ema():
     assert torch.allclose(method.teacher.network.state_dict()[name], param - decay)
 
 
+def test_u2pl_plug_in_learns_exactly_the_reliable_pixels(monkeypatch):
+    method, _ = TestU2PLPCR().build()
+    seen = _spy_u2pl(method, monkeypatch)
+    branch_losses = method.branch.losses
+
+    def branch_spy(features_l, features_u, y_l, pseudo_u, valid_u, *rest):
+        seen["pseudo"] = pseudo_u
+        return branch_losses(features_l, features_u, y_l, pseudo_u, valid_u, *rest)
+
+    monkeypatch.setattr(method.branch, "losses", branch_spy)
+    labeled, unlabeled = batches()
+    out = method.training_step(labeled, unlabeled, step=0)
+    # The branch's pseudo-labels are set exactly where U2PL's CE trusts the teacher.
+    assert torch.equal(seen["pseudo"] != IGNORE, seen["reliable"])
+    assert 0 < seen["reliable"].float().mean().item() < 1
+    assert out["loss_proto_unsup"].item() > 0
+    before = method.branch.bank.prototypes.clone()
+    method.after_optimizer_step(0)
+    assert not torch.equal(method.branch.bank.prototypes, before)
+
+
 # ---- CPS -----------------------------------------------------------------------------------
 def _spy_cps(monkeypatch, mask=None) -> list:
     """Record every (logits, target) of the cross-supervision CE; optionally fix the masks."""
@@ -558,3 +591,37 @@ def test_weak_to_strong_settings_are_checked():
         TestUniMatch().build("method.mix_box=circle")
     with pytest.raises(ConfigError, match="method.fp_dropout"):
         TestUniMatch().build("method.fp_dropout=1.0")
+
+
+def test_cps_plug_in_sits_on_the_first_network_and_learns_the_seconds_labels(monkeypatch):
+    method, _ = TestCPSPCR().build("model.dropout=0")
+
+    def left_half(b, h, w):
+        mask = torch.zeros(b, h, w, dtype=torch.bool)
+        mask[..., : w // 2] = True
+        return mask
+
+    calls = _spy_cps(monkeypatch, left_half)
+    seen = {}
+    branch_losses = method.branch.losses
+
+    def branch_spy(features_l, features_u, y_l, pseudo_u, valid_u, *rest):
+        seen["features_u"], seen["pseudo"] = features_u.detach(), pseudo_u
+        return branch_losses(features_l, features_u, y_l, pseudo_u, valid_u, *rest)
+
+    monkeypatch.setattr(method.branch, "losses", branch_spy)
+    labeled, unlabeled = batches()
+    x_l, x_u = labeled["image"], unlabeled["image"]
+    x_m = torch.where(left_half(*x_u.shape[:1], *x_u.shape[2:])[:, None], x_u.roll(-1, 0), x_u)
+    with torch.no_grad():  # train-mode BN on the step's batch, dropout off: the step's outputs
+        pair = (method.student.left, method.student.right)
+        first, second = (net(torch.cat([x_l, x_m]))["features"][2:] for net in pair)
+    method.training_step(labeled, unlabeled, step=0)
+    (_, target_first), _ = calls
+    # Every valid pixel carries the label the first network learns: the second's argmax.
+    assert torch.equal(seen["pseudo"], target_first)
+    # The features are the first network's (the deployed one, whose bank ships).
+    assert torch.allclose(seen["features_u"], first, atol=1e-5)
+    assert not torch.allclose(seen["features_u"], second, atol=1e-3)
+    method.after_optimizer_step(0)
+    assert method.deploy()["network"] is method.student.left

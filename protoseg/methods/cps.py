@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from protoseg.components import box_masks, masked_cross_entropy, valid_pixels
+from protoseg.components import PrototypePlugIn, box_masks, masked_cross_entropy, valid_pixels
 from protoseg.components.augment import paste_from_partner
 from protoseg.config import Config, MethodConfig
 from protoseg.methods import register_method
@@ -158,9 +158,15 @@ class CPS(MethodBase):
         loss_right = masked_cross_entropy(right_u["logits"], from_left, valid_m, valid_m)
         loss_cps = loss_left + loss_right
         agreement = ((from_left == from_right) & valid_m).sum() / valid_m.sum().clamp(min=1)
+        # 5. With a prototypes block (cps+pcr): PCR's branch on the deployed (first)
+        #    network's mixed view, learning the labels that network learns: the second's.
+        loss_proto, proto_logs = self.prototype_losses(
+            left_l, left_u, y_l, from_right, valid_m, valid_m
+        )
         return {
-            "loss": loss_sup + c.cps_weight * loss_cps,
+            "loss": loss_sup + c.cps_weight * loss_cps + loss_proto,
             **logs,
+            **proto_logs,
             "loss_cps": loss_cps.detach(),
             "pseudo_label_agreement": agreement.detach(),
         }
@@ -168,3 +174,17 @@ class CPS(MethodBase):
     def deployed_network(self) -> nn.Module:
         """The first network, which the release evaluates."""
         return self.student.left  # type: ignore[return-value]
+
+
+@dataclass
+class CPSPCRConfig(PrototypePlugIn, CPSConfig):
+    """CPS with PCR's prototype branch plugged in (``cps+pcr``).
+
+    The branch sits on the first network (the deployed one) and learns, on the mixed view,
+    the second network's labels of every valid pixel: CPS keeps no confidence threshold.
+    """
+
+    name: str = "cps+pcr"
+
+
+register_method("cps+pcr", CPSPCRConfig)(CPS)

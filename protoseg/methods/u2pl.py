@@ -20,6 +20,7 @@ from protoseg.components import (
     ClassQueues,
     ContrastConfig,
     EMATeacher,
+    PrototypePlugIn,
     TeacherSettings,
     above_percentile,
     below_percentile,
@@ -190,9 +191,18 @@ class U2PL(MethodBase):
         loss_unsup = reliable_cross_entropy(out_u["logits"], y_m, reliable, valid_m)
         # 6. The contrastive loss: anchors from reliable pixels, negatives from unreliable ones.
         loss_contrast = self.contrast(out["rep"], teacher, y_l, y_m, valid_m, entropy, step)
+        # 7. With a prototypes block (u2pl+pcr): PCR's branch on the mixed view, learning
+        #    the pixels U2PL's cross-entropy trusts (its reliable ones).
+        loss_proto, proto_logs = self.prototype_losses(
+            out_l, out_u, y_l, y_m, reliable, valid_m, c.unsup_weight
+        )
         return {
-            "loss": loss_sup + c.unsup_weight * loss_unsup + c.contrast.weight * loss_contrast,
+            "loss": loss_sup
+            + c.unsup_weight * loss_unsup
+            + c.contrast.weight * loss_contrast
+            + loss_proto,
             **logs,
+            **proto_logs,
             "loss_unsup": loss_unsup.detach(),
             "loss_contrast": loss_contrast.detach(),
             "reliable_fraction": (reliable.sum() / valid_m.sum().clamp(min=1)).detach(),
@@ -235,13 +245,30 @@ class U2PL(MethodBase):
         )
 
     def after_optimizer_step(self, step: int) -> None:
-        """The teacher copies the student until a copy epoch after warm-up, then follows it."""
+        """The bank (if any) applies its update; the teacher copies the student until a copy
+        epoch after warm-up, then follows it."""
+        if self.branch is not None:
+            self.branch.after_optimizer_step()
         after = step - self.warmup_steps
         self.teacher.follow(self.student, -1 if after < self.copy_steps else after)
 
     def deployed_network(self) -> nn.Module:
         """The EMA teacher's network (without the representation head), as the release."""
         return self.teacher.network.network  # type: ignore[return-value]
+
+
+@dataclass
+class U2PLPCRConfig(PrototypePlugIn, U2PLConfig):
+    """U2PL with PCR's prototype branch plugged in (``u2pl+pcr``).
+
+    The branch learns from the mixed view's reliable pixels (those U2PL's cross-entropy
+    learns); the unreliable ones stay contrastive negatives only.
+    """
+
+    name: str = "u2pl+pcr"
+
+
+register_method("u2pl+pcr", U2PLPCRConfig)(U2PL)
 
 
 def _nearest(t: Tensor, size: torch.Size) -> Tensor:
