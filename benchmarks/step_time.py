@@ -3,7 +3,9 @@
 Each method runs in its own subprocess (so peak RSS is its own) on synthetic in-memory batches
 (no data loading), timing forward + backward + optimiser step + EMA/bank updates. Reports
 medians over ``--steps`` steps after ``--warmup`` untimed ones, and PCR's time as a ratio to
-cutmix_seg's measured in the same invocation.
+cutmix_seg's measured in the same invocation. ``--interleave`` times every method in one
+process instead, a step of each in turn, so that a machine whose speed drifts (a shared CPU)
+slows them alike: use it for the ratios, the default for memory.
 
     python benchmarks/step_time.py --backbone resnet18 --crop 80 --batch 8
     python benchmarks/step_time.py --backbone resnet101s --crop 513 --batch 2 --device cuda
@@ -24,8 +26,12 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def run_single(args: argparse.Namespace) -> dict:
-    """Time one method in this process; returns a JSON-ready dict."""
+def build_step(args: argparse.Namespace, name: str):
+    """Build ``name``'s method at the benchmark's model and crop; return (step, device).
+
+    ``step(i)`` runs training step ``i`` on a fresh random batch (forward, backward,
+    optimiser step, EMA/bank updates) and returns its wall time in seconds.
+    """
     import torch
 
     from protoseg.components import InitContext
@@ -37,12 +43,13 @@ def run_single(args: argparse.Namespace) -> dict:
     device = torch.device(
         args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
-    defaults = method_config_class(args.method)()
+    defaults = method_config_class(name)()
     method_keys = []
     if hasattr(defaults, "warmup_epochs"):
         method_keys.append("method.warmup_epochs=0")
     if hasattr(defaults, "prototypes"):
         method_keys.append(f"method.prototypes.per_class={args.prototypes}")
+        method_keys.append(f"method.prototypes.sample_grid={args.sample_grid}")
     cfg = load_config(
         None,
         [
@@ -50,7 +57,7 @@ def run_single(args: argparse.Namespace) -> dict:
             f"data.num_classes={args.classes}",
             f"model.backbone={args.backbone}",
             f"model.output_stride={args.output_stride}",
-            f"method.name={args.method}",
+            f"method.name={name}",
             *method_keys,
             f"train.loss={args.loss}",
             f"train.precision={args.precision}",
@@ -83,10 +90,8 @@ def run_single(args: argparse.Namespace) -> dict:
         method.initialize(InitContext([batch()[0]], device))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     method.train()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for i in range(args.warmup + args.steps):
+
+    def step(i: int) -> float:
         labeled, unlabeled = batch()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -99,8 +104,37 @@ def run_single(args: argparse.Namespace) -> dict:
         method.after_optimizer_step(i)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    return step, device
+
+
+def describe(device, times: list[float]) -> dict:
+    """The JSON-ready fields every row has: times, device and thread count."""
+    import torch
+
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "steps": len(times),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def run_single(args: argparse.Namespace) -> dict:
+    """Time one method in this process (so the peak memory is its own)."""
+    import torch
+
+    step, device = build_step(args, args.method)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = [step(i) for i in range(args.warmup + args.steps)][args.warmup :]
     if device.type == "cuda":
         memory = torch.cuda.max_memory_allocated() / 2**20
         memory_kind = "max allocated (CUDA)"
@@ -109,19 +143,29 @@ def run_single(args: argparse.Namespace) -> dict:
         memory_kind = "peak RSS"
     return {
         "method": args.method,
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "max_s": max(times),
-        "steps": len(times),
+        **describe(device, times),
         "memory_mib": memory,
         "memory_kind": memory_kind,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
     }
+
+
+def run_interleaved(args: argparse.Namespace) -> list[dict]:
+    """Time every method in one process, one step of each in turn (the order rotating each
+    round), so that a machine whose speed drifts slows every method alike."""
+    steps = {}
+    for name in args.methods:
+        steps[name], device = build_step(args, name)
+        for i in range(args.warmup):
+            steps[name](i)
+    times: dict[str, list[float]] = {name: [] for name in args.methods}
+    for r in range(args.steps):
+        order = args.methods[r % len(args.methods) :] + args.methods[: r % len(args.methods)]
+        for name in order:
+            times[name].append(steps[name](args.warmup + r))
+    return [
+        {"method": n, **describe(device, t), "memory_mib": None, "memory_kind": "one process"}
+        for n, t in times.items()
+    ]
 
 
 def main() -> None:
@@ -135,12 +179,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="labelled and unlabelled each")
     parser.add_argument("--classes", type=int, default=21)
     parser.add_argument("--prototypes", type=int, default=4)
+    parser.add_argument(
+        "--sample-grid", type=int, default=32, help="the branch's sampling cell (the demo: 16)"
+    )
     parser.add_argument("--loss", default="ce", choices=["ce", "ohem"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None, help="write the results as JSON")
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time all methods in one process, a step of each in turn (no memory column)",
+    )
     parser.add_argument(
         "--set",
         nargs="+",
@@ -152,8 +204,8 @@ def main() -> None:
     if args.method:
         print(json.dumps(run_single(args)))
         return
-    rows = []
-    for name in args.methods:
+    rows = run_interleaved(args) if args.interleave else []
+    for name in [] if args.interleave else args.methods:
         cmd = [sys.executable, __file__, "--method", name] + [
             a for a in sys.argv[1:] if a not in args.methods and a != "--methods"
         ]
@@ -172,9 +224,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['median_s'] / by['cutmix_seg']['median_s']:.3f}" if "cutmix_seg" in by else "-"
+        memory = "-" if r["memory_mib"] is None else f"{r['memory_mib']:.0f} ({r['memory_kind']})"
         print(
             f"| {r['method']} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['max_s']:.3f} | "
-            f"{r['memory_mib']:.0f} ({r['memory_kind']}) | {ratio} |"
+            f"{memory} | {ratio} |"
         )
     if args.out:
         with open(args.out, "w") as handle:
