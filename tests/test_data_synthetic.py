@@ -152,3 +152,19 @@ def test_existing_splits_are_kept_unless_overwrite(tmp_path: Path) -> None:
     assert classes.read_text() == "my\nown\nnames\n"
     generate_synthetic(root, seed=5, overwrite=True, **kw)
     assert read_split(classes) == SYNTHETIC_CLASSES
+
+
+def test_scene_objects_name_the_classes_of_the_written_masks(synthetic_root: Path) -> None:
+    from protoseg.data.synthetic import scene_objects
+
+    modes = set()
+    for index in range(12):
+        objects = scene_objects(0, "train", index, 64)
+        mask = np.array(Image.open(synthetic_root / "SegmentationClass" / f"train_{index:05d}.png"))
+        # Every labelled class of the mask is an object's (a later object may hide an
+        # earlier one entirely, so not the other way round).
+        assert set(np.unique(mask).tolist()) - {0} <= {o.class_id for o in objects}
+        modes |= {o.mode for o in objects}
+    assert modes <= {0, 1, 2} and len(modes) > 1
+    other_draw = [scene_objects(1, "train", i, 64) for i in range(12)]
+    assert other_draw != [scene_objects(0, "train", i, 64) for i in range(12)]

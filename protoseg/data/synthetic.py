@@ -342,6 +342,16 @@ def scene_size(rng: np.random.Generator, image_size: int) -> tuple[int, int]:
     return image_size + int(h), image_size + int(w)
 
 
+def scene_objects(seed: int, split: str, index: int, image_size: int) -> list[SceneObject]:
+    """The objects (class and mode) of one generated image, rendered again from its seed.
+
+    Tells which appearance modes a labelled split shows (``benchmarks/label_coverage.py``).
+    """
+    rng = scene_rng(seed, split, index)
+    height, width = scene_size(rng, image_size)
+    return render_scene(rng, height, width).objects
+
+
 def _write_one(job: tuple[Path, int, str, int, int]) -> None:
     out, seed, split, index, image_size = job
     rng = scene_rng(seed, split, index)
