@@ -153,14 +153,16 @@ def _wrapped_student_worker(rank: int, world: int, port: int, root, out) -> None
     from protoseg.distributed import cleanup
 
     try:
-        for method in ("u2pl", "cps"):
+        for method in ("u2pl", "cps", "u2pl+pcr", "cps+pcr"):
             args = overrides(root, out / method, "train.iterations=2", *METHOD_OVERRIDES[method])
             trainer = Trainer(load_config(f"synthetic/{method}.yaml", args))
             before = {n: p.detach().clone() for n, p in trainer.method.named_parameters()}
             trainer.fit()
             method_state = trainer.method.state_dict()
             saved = {n: method_state[n] for n in before}
-            saved.update({n: v for n, v in method_state.items() if n.startswith("queues.")})
+            saved.update(
+                {n: v for n, v in method_state.items() if n.startswith(("queues.", "branch."))}
+            )
             moved = [n for n, v in before.items() if not torch.equal(v, method_state[n])]
             torch.save({"state": saved, "moved": moved}, out / f"{method}_rank{rank}.pt")
     finally:
@@ -173,7 +175,8 @@ def test_ranks_stay_identical_when_the_student_wraps_more_than_the_network(
     synthetic_root, tmp_path
 ):
     """U2PL's representation head and CPS's second network are inside DDP and the optimiser,
-    and U2PL's queues are gathered: every rank ends with the same weights and queues."""
+    U2PL's queues are gathered and the plug-in's bank is updated from every rank: every rank
+    ends with the same weights, queues and prototypes."""
     mp.start_processes(
         _wrapped_student_worker,
         args=(2, _free_port(), synthetic_root, tmp_path),
@@ -181,12 +184,16 @@ def test_ranks_stay_identical_when_the_student_wraps_more_than_the_network(
         join=True,
         start_method="spawn",
     )
-    for method, extra in (("u2pl", "student.representation."), ("cps", "student.right.")):
+    wrapped = {"u2pl": "student.representation.", "cps": "student.right."}
+    for method in ("u2pl", "cps", "u2pl+pcr", "cps+pcr"):
+        extra = wrapped[method.removesuffix("+pcr")]
         ranks = [torch.load(tmp_path / f"{method}_rank{r}.pt", weights_only=True) for r in (0, 1)]
         # The extra part trained (the optimiser holds it) ...
         assert any(name.startswith(extra) for name in ranks[0]["moved"]), method
         # ... and identically on both ranks (DDP averaged its gradients).
         for key, value in ranks[0]["state"].items():
             assert torch.allclose(value, ranks[1]["state"][key], atol=1e-6), (method, key)
+        if method.endswith("+pcr"):
+            assert ranks[0]["state"]["branch.bank.initialized"], method
     u2pl = torch.load(tmp_path / "u2pl_rank0.pt", weights_only=True)["state"]
     assert u2pl["queues.length"].sum() > 0
