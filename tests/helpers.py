@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
 # Per method, what takes its unlabelled losses from the first step on the tiny set.
 METHOD_OVERRIDES = {
     "supervised": [],
@@ -56,3 +64,16 @@ def poison_step(trainer, at_step: int, term: str | None = None) -> None:
         return out
 
     trainer.method.training_step = poisoned
+
+
+def imported_benchmark(script: str) -> Iterator[ModuleType]:
+    """A script of benchmarks/ imported as a module (benchmarks/ is no package), for a
+    fixture to yield; it leaves sys.modules as it found it."""
+    spec = importlib.util.spec_from_file_location(f"{script}_bench", BENCHMARKS / f"{script}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look the module up by name while the class body runs.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)

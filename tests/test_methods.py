@@ -410,6 +410,13 @@ def test_u2pl_plug_in_learns_exactly_the_reliable_pixels(monkeypatch):
     assert not torch.equal(method.branch.bank.prototypes, before)
 
 
+def _left_half(b: int, h: int, w: int) -> torch.Tensor:
+    """Box masks that paste the left half of every image (CutMix made predictable)."""
+    mask = torch.zeros(b, h, w, dtype=torch.bool)
+    mask[..., : w // 2] = True
+    return mask
+
+
 # ---- CPS -----------------------------------------------------------------------------------
 def _spy_cps(monkeypatch, mask=None) -> list:
     """Record every (logits, target) of the cross-supervision CE; optionally fix the masks."""
@@ -429,12 +436,7 @@ def _spy_cps(monkeypatch, mask=None) -> list:
 def test_cps_networks_learn_each_others_argmax_of_the_unmixed_then_mixed_images(monkeypatch):
     method, _ = TestCPS().build("model.dropout=0")
 
-    def left_half(b, h, w):
-        mask = torch.zeros(b, h, w, dtype=torch.bool)
-        mask[..., : w // 2] = True
-        return mask
-
-    calls = _spy_cps(monkeypatch, left_half)
+    calls = _spy_cps(monkeypatch, _left_half)
     labeled, unlabeled = batches()
     x_l, x_u = labeled["image"], unlabeled["image"]
     left, right = method.student.left, method.student.right
@@ -442,7 +444,7 @@ def test_cps_networks_learn_each_others_argmax_of_the_unmixed_then_mixed_images(
     # same batches give the outputs the step sees.
     with torch.no_grad():
         label_l, label_r = (net(x_u)["logits"].argmax(1) for net in (left, right))
-        mask = left_half(*label_l.shape)
+        mask = _left_half(*label_l.shape)
         x_m = torch.where(mask[:, None], x_u.roll(-1, 0), x_u)
         logits_l, logits_r = (net(torch.cat([x_l, x_m]))["logits"][2:] for net in (left, right))
     method.training_step(labeled, unlabeled, step=0)
@@ -596,12 +598,7 @@ def test_weak_to_strong_settings_are_checked():
 def test_cps_plug_in_sits_on_the_first_network_and_learns_the_seconds_labels(monkeypatch):
     method, _ = TestCPSPCR().build("model.dropout=0")
 
-    def left_half(b, h, w):
-        mask = torch.zeros(b, h, w, dtype=torch.bool)
-        mask[..., : w // 2] = True
-        return mask
-
-    calls = _spy_cps(monkeypatch, left_half)
+    calls = _spy_cps(monkeypatch, _left_half)
     seen = {}
     branch_losses = method.branch.losses
 
@@ -612,7 +609,7 @@ def test_cps_plug_in_sits_on_the_first_network_and_learns_the_seconds_labels(mon
     monkeypatch.setattr(method.branch, "losses", branch_spy)
     labeled, unlabeled = batches()
     x_l, x_u = labeled["image"], unlabeled["image"]
-    x_m = torch.where(left_half(*x_u.shape[:1], *x_u.shape[2:])[:, None], x_u.roll(-1, 0), x_u)
+    x_m = torch.where(_left_half(*x_u.shape[:1], *x_u.shape[2:])[:, None], x_u.roll(-1, 0), x_u)
     with torch.no_grad():  # train-mode BN on the step's batch, dropout off: the step's outputs
         pair = (method.student.left, method.student.right)
         first, second = (net(torch.cat([x_l, x_m]))["features"][2:] for net in pair)

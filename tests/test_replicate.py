@@ -6,28 +6,19 @@ replaced by one that writes an outcome.json.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
+from helpers import imported_benchmark
 from scipy.stats import binomtest, ttest_rel
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "replicate.py"
 
 
 @pytest.fixture(scope="module")
 def rep():
-    """The benchmark script, imported as a module (benchmarks/ is no package)."""
-    spec = importlib.util.spec_from_file_location("replicate_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses look the module up by name while the class body runs.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    """The benchmark script, imported as a module."""
+    yield from imported_benchmark("replicate")
 
 
 def row(method: str, d: int, s: int | None, t: int, miou: float) -> dict:

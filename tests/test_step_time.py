@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
+from helpers import imported_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """The benchmark script, imported as a module (benchmarks/ is no package)."""
-    spec = importlib.util.spec_from_file_location("step_time_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    """The benchmark script, imported as a module."""
+    yield from imported_benchmark("step_time")
 
 
 def tiny_args(**changes) -> argparse.Namespace:
