@@ -521,14 +521,16 @@ def test_branch_has_no_data_dependent_shapes_or_host_syncs():
     assert not syncing & set(rec.ops), syncing & set(rec.ops)
 
 
-def test_gather_features_reads_a_bf16_map_in_bf16():
+def test_gather_features_reads_a_bf16_map_in_bf16_when_asked():
+    """The accelerators' path for a low-precision map (forced here, as the CPU takes the
+    fp32 copy by default)."""
     gen = torch.Generator().manual_seed(8)
     fmap = torch.randn(2, 16, 20, 24, generator=gen)  # 480 pixels, 4 x 64 picks
     coords = sample_grid_coords(77, 93, 8, generator=gen)
     exact = gather_features(fmap, coords, (77, 93))
     low = fmap.bfloat16().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16), _Shapes() as rec:
-        got = gather_features(low, coords, (77, 93))
+        got = gather_features(low, coords, (77, 93), corner_gather=True)
     assert got.dtype == torch.float32
     # The same bilinear weights on the bf16 values, in fp32: equal to the fp32 path on
     # the rounded map, and within bf16 rounding of the fp32 map.
@@ -543,3 +545,16 @@ def test_gather_features_reads_a_bf16_map_in_bf16():
     assert low.grad is not None and low.grad.dtype == torch.bfloat16
     assert torch.allclose(low.grad.float(), ref.grad, atol=2e-2, rtol=1e-2)
     assert ref.grad.abs().sum() > 0
+
+
+def test_gather_features_on_cpu_samples_a_bf16_map_as_fp32():
+    gen = torch.Generator().manual_seed(9)
+    fmap = torch.randn(2, 16, 20, 24, generator=gen).bfloat16()
+    coords = sample_grid_coords(77, 93, 8, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16), _Shapes() as rec:
+        got = gather_features(fmap, coords, (77, 93))
+    # The fp32 copy of the whole map, then grid_sample: the fp32 path's result exactly.
+    assert any(n == fmap.numel() and t == torch.float32 for n, t in rec.outputs)
+    assert torch.equal(got, gather_features(fmap.float(), coords, (77, 93)))
+    forced = gather_features(fmap, coords, (77, 93), corner_gather=True)
+    assert torch.allclose(got, forced, atol=1e-5)

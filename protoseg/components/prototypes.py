@@ -498,20 +498,29 @@ def sample_grid_coords(
     return coords.to(device)
 
 
-def gather_features(features: Tensor, coords: Tensor, size: tuple[int, int]) -> Tensor:
+def gather_features(
+    features: Tensor, coords: Tensor, size: tuple[int, int], corner_gather: bool | None = None
+) -> Tensor:
     """Features of a (B, D, h, w) map at input-resolution pixels ``coords`` (N, 2) -> (B, N, D).
 
     Equal to bilinearly upsampling the map to ``size`` with align_corners=True and picking
     the pixels, without materialising the (B, D, H, W) tensor. The result is fp32 and
-    gradients flow to ``features``. A bf16 or fp16 map (under autocast) is read in its own
-    dtype: only the four source pixels of each pick are cast, where grid_sample would run
-    on an fp32 copy of the whole map (and a low-precision grid would misplace the picks).
+    gradients flow to ``features``. On an accelerator a bf16 or fp16 map (under autocast)
+    is read in its own dtype: only the four source pixels of each pick are cast, where
+    grid_sample would run on an fp32 copy of the whole map (and a low-precision grid would
+    misplace the picks). On the CPU the fp32 copy and grid_sample are the faster path.
+    ``corner_gather`` forces one path (True: read the corners in the map's dtype); None
+    chooses as above.
     """
     height, width = size
     b, d, h, w = features.shape
-    if features.dtype == torch.float32:
+    if corner_gather is None:
+        corner_gather = features.dtype != torch.float32 and features.device.type != "cpu"
+    if not corner_gather:
         # grid_sample is the fastest exact path on CPU (several times faster than gathering
-        # the corners there), and an fp32 map needs no copy.
+        # the corners there, even after casting a low-precision map to fp32), and an fp32
+        # map needs no copy.
+        features = features.float()
         y = coords[:, 0].float()
         x = coords[:, 1].float()
         gx = 2 * x / max(width - 1, 1) - 1
