@@ -129,8 +129,9 @@ def test_every_shipped_config_loads():
             assert f"/{n}/" in cfg.data.labeled_split and cfg.method.name == path.stem
     for method in ("supervised", "cutmix_seg", "pcr"):
         assert cells[method] == 5 + 4 + 4  # Tables 1-3
-    for method in ("u2pl", "cps", "fixmatch", "unimatch"):
-        assert cells[method] == 2  # the baselines at VOC classic 92 and Cityscapes 186
+    for base in ("u2pl", "cps", "fixmatch", "unimatch"):
+        for method in (base, f"{base}+pcr"):
+            assert cells[method] == 5 + 4, method  # VOC classic and Cityscapes, every split
     voc = load_config("voc/classic/92/pcr.yaml")
     assert (voc.train.batch_size, voc.data.crop_size, voc.optim.lr) == (16, 513, 0.001)
     assert (voc.method.confidence_threshold, voc.method.prototypes.per_class) == (0.8, 4)
