@@ -12,9 +12,13 @@ starts from the same pretrained backbone (``protoseg pretrain``'s, made once in
 unfinished one restarts and the Trainer resumes from its checkpoint. Writes ``results.json``
 (one row per run) and ``results.md`` (spread per axis, paired tests, per-draw table).
 
-The README's comparison (10 recipes x 13 runs + 9 ceiling runs, two at a time):
+The README's comparisons: the trio over 5 draws and 5 splits, and every recipe over the
+five draws (12 recipes x 5 runs + 5 ceiling runs), two at a time:
 
-    python benchmarks/replicate.py --out runs/replicate --jobs 2
+    python benchmarks/replicate.py --methods supervised cutmix_seg pcr --data-seeds 0 1 2 3 4 \
+        --split-seeds 0 1 2 3 4 --seeds 0 --jobs 2 --out runs/replicate
+    python benchmarks/replicate.py --data-seeds 0 1 2 3 4 --split-seeds 0 --seeds 0 \
+        --design grid --jobs 2 --out runs/replicate
 """
 
 from __future__ import annotations
