@@ -112,7 +112,12 @@ class MethodBase(nn.Module):
             self.branch.after_optimizer_step()
         teacher = self.ema_teacher()
         if teacher is not None:
-            teacher.follow(self.student, step - self.warmup_steps)
+            teacher.follow(self.student, self.teacher_steps(step))
+
+    def teacher_steps(self, step: int) -> int:
+        """The EMA teacher's step count after ``step``: steps since the warm-up ended, or a
+        negative count while it still copies the student."""
+        return step - self.warmup_steps
 
     def needs_init(self, step: int) -> bool:
         """A prototype bank needs its k-means initialisation once the warm-up is over."""

@@ -244,13 +244,10 @@ class U2PL(MethodBase):
             cfg,
         )
 
-    def after_optimizer_step(self, step: int) -> None:
-        """The bank (if any) applies its update; the teacher copies the student until a copy
-        epoch after warm-up, then follows it."""
-        if self.branch is not None:
-            self.branch.after_optimizer_step()
+    def teacher_steps(self, step: int) -> int:
+        """The teacher copies the student until a copy epoch after warm-up, then follows it."""
         after = step - self.warmup_steps
-        self.teacher.follow(self.student, -1 if after < self.copy_steps else after)
+        return -1 if after < self.copy_steps else after
 
     def deployed_network(self) -> nn.Module:
         """The EMA teacher's network (without the representation head), as the release."""
