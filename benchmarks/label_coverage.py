@@ -54,9 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             runs[(row["data_seed"], row["split_seed"])].append(row)
     print("| draw | split | missing (class, mode) | supervised | ceiling | gap |")
     print("|---|---|---|---|---|---|")
-    for (draw, split), rows in sorted(runs.items(), key=lambda kv: (kv[0][0], kv[0][1] or -1)):
-        if split is None:
-            continue
+    for draw, split in sorted(key for key in runs if key[1] is not None):
+        rows = runs[(draw, split)]
         folder = out / "data" / f"draw{draw}"
         missing = missing_pairs(folder, f"{args.labels}-split{split}")
         names = ", ".join(f"{SYNTHETIC_CLASSES[c]} {m}" for c, m in missing)

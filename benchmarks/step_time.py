@@ -168,6 +168,21 @@ def run_interleaved(args: argparse.Namespace) -> list[dict]:
     ]
 
 
+def run_in_subprocesses(args: argparse.Namespace) -> list[dict]:
+    """Time each method in a process of its own (this script with ``--method``), one after
+    the other, so that each row's peak memory is that method's."""
+    rows = []
+    for name in args.methods:
+        cmd = [sys.executable, __file__, "--method", name] + [
+            a for a in sys.argv[1:] if a not in args.methods and a != "--methods"
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return rows
+
+
 def main() -> None:
     """Run every method in a subprocess and print a Markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -204,15 +219,7 @@ def main() -> None:
     if args.method:
         print(json.dumps(run_single(args)))
         return
-    rows = run_interleaved(args) if args.interleave else []
-    for name in [] if args.interleave else args.methods:
-        cmd = [sys.executable, __file__, "--method", name] + [
-            a for a in sys.argv[1:] if a not in args.methods and a != "--methods"
-        ]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    rows = run_interleaved(args) if args.interleave else run_in_subprocesses(args)
     by = {r["method"]: r for r in rows}
     print(
         f"\n{args.backbone} OS{args.output_stride}, crop {args.crop}, batch {args.batch}+"
