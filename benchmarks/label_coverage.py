@@ -25,9 +25,13 @@ ALL_PAIRS = {(c, m) for c in MODES for m in range(len(MODES[c]))}
 
 def missing_pairs(draw: Path, split: str) -> list[tuple[int, int]]:
     """(class, mode) pairs that no image of ``draw/splits/<split>/labeled.txt`` shows."""
-    stamp = json.loads((draw / "synthetic.json").read_text())
+    stamp_file, labeled = draw / "synthetic.json", draw / "splits" / split / "labeled.txt"
+    for path in (stamp_file, labeled):
+        if not path.is_file():
+            raise SystemExit(f"{path}: missing; is {draw.parent.parent} a replicate.py folder?")
+    stamp = json.loads(stamp_file.read_text())
     seen: set[tuple[int, int]] = set()
-    for name in (draw / "splits" / split / "labeled.txt").read_text().split():
+    for name in labeled.read_text().split():
         stem = Path(name).stem
         part, index = stem.rsplit("_", 1)
         for obj in scene_objects(stamp["seed"], part, int(index), stamp["image_size"]):
@@ -47,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--labels", type=int, default=16)
     args = p.parse_args(argv)
     out = Path(args.out)
+    if not (out / "runs" / "supervised").is_dir():
+        raise SystemExit(
+            f"{out}: no supervised runs; run benchmarks/replicate.py --out {out} first"
+        )
     runs: dict[tuple[int, int | None], list[dict]] = defaultdict(list)
     for method in ("supervised", "supervised_full"):
         for f in sorted((out / "runs" / method).glob("*/outcome.json")):
