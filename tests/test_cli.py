@@ -302,3 +302,49 @@ def test_every_full_demo_run_has_a_valid_config(tmp_path):
     for spec in runs:
         cfg = build_run_config(spec, tmp_path / "data", tmp_path / spec.name, 0, None, "cpu")
         assert cfg.train.out_dir == str(tmp_path / spec.name)
+
+
+def test_demo_runs_in_processes_give_the_in_process_numbers(tmp_path):
+    # The parallel demo must not change the table: a run trained in a spawned worker on one
+    # thread equals the same run trained here on one thread.
+    import torch
+
+    from protoseg.cli.demo import RunSpec, build_run_config, ensure_dataset, train_runs
+
+    root = ensure_dataset(tmp_path / "data")
+    spec = RunSpec("cutmix_seg", "synthetic/cutmix_seg.yaml")
+
+    def run(folder: str) -> tuple:
+        cfg = build_run_config(
+            spec,
+            root,
+            tmp_path / folder,
+            seed=0,
+            iterations=4,
+            device="cpu",
+            extra=[
+                "method.warmup_epochs=0",
+                "train.progress=false",
+                "data.val_split=splits/16/labeled.txt",  # 16 images: a quick evaluation
+            ],
+        )
+        return (cfg, spec)
+
+    threads = torch.get_num_threads()
+    try:
+        (here,) = train_runs([run("here")], jobs=1, threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    (child,) = train_runs([run("child")], jobs=2, threads=1)
+    assert child.out_dir != here.out_dir
+    assert (child.miou, child.iou) == (here.miou, here.iou)
+    assert (tmp_path / "child" / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("jobs, threads", [(0, None), (2, 0)])
+def test_demo_refuses_no_jobs_or_threads_before_any_work(tmp_path, jobs, threads):
+    from protoseg.cli.demo import run_demo
+
+    with pytest.raises(ValueError, match="must be >= 1"):
+        run_demo(out=tmp_path / "demo", device="cpu", jobs=jobs, threads=threads)
+    assert not (tmp_path / "demo").exists()

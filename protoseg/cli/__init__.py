@@ -201,6 +201,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         iterations=args.iterations,
         device=args.device,
         pretrained=args.pretrained,
+        jobs=args.jobs,
+        threads=args.threads,
     )
     return 0
 
@@ -375,6 +377,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="backbone weights every run starts from: default, the synthetic pretraining's "
         "(trained into OUT/pretrained on the first run, then reused); a file; or 'none'",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs trained at once, a process each (default: on a CPU every run, up to "
+        "max(3, CPU cores); on CUDA 1)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads per run (default: 1 when several train at once on a CPU); results "
+        "depend on it",
     )
 
     p = add_command(
