@@ -337,6 +337,7 @@ def test_demo_runs_in_processes_give_the_in_process_numbers(tmp_path):
         torch.set_num_threads(threads)
     (child,) = train_runs([run("child")], jobs=2, threads=1)
     assert child.out_dir != here.out_dir
+    assert child.threads == here.threads == 1
     assert (child.miou, child.iou) == (here.miou, here.iou)
     assert (tmp_path / "child" / "model.pt").is_file()
 

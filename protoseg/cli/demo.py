@@ -52,6 +52,7 @@ class RunOutcome:
     seconds: float
     out_dir: str
     head: str = "linear"
+    threads: int = 0  # torch's CPU threads it trained with: the numbers depend on them
 
     def to_dict(self) -> dict:
         """JSON-ready fields."""
@@ -176,6 +177,8 @@ def train_runs(
 
 def train_run(cfg: Config, spec: RunSpec) -> RunOutcome:
     """Train (or resume/finish) one run and return its final and best mIoU."""
+    import torch
+
     from protoseg.engine.trainer import Trainer
 
     result = Trainer(cfg).fit()
@@ -192,6 +195,7 @@ def train_run(cfg: Config, spec: RunSpec) -> RunOutcome:
         result.seconds,
         str(result.out_dir),
         spec.head,
+        torch.get_num_threads(),
     )
 
 
