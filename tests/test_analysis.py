@@ -559,3 +559,20 @@ def test_sweep_runs_and_collects(tiny: dict[str, Path], tmp_path: Path, capsys) 
     assert main(args) == 0 and model.stat().st_mtime_ns == stamp
     plan = plan_sweep("synthetic/supervised.yaml", args[2:-2], out)
     assert len(collect(plan)) == 2
+
+
+@pytest.mark.parametrize("wanted, terminal", [(True, True), (True, False), (False, True)])
+def test_progress_bars_only_when_wanted_and_on_a_terminal(monkeypatch, wanted, terminal):
+    # One rule for the trainer's, the evaluation's and the analyses' bars: a batch job's
+    # log (stderr not a terminal) gets log lines, never bar redraws.
+    import io
+    import sys
+
+    from protoseg.progress import show_progress
+
+    class Stream(io.StringIO):
+        def isatty(self) -> bool:
+            return terminal
+
+    monkeypatch.setattr(sys, "stderr", Stream())
+    assert show_progress(wanted) is (wanted and terminal)

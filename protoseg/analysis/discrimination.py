@@ -25,6 +25,7 @@ from tqdm import tqdm
 from protoseg.config import Config
 from protoseg.data import SegmentationDataset, build_dataset, eval_transform
 from protoseg.inference import Predictor, load
+from protoseg.progress import show_progress
 
 
 def scatter_traces(features: Tensor, labels: Tensor) -> dict[str, float]:
@@ -108,7 +109,7 @@ def select_pixels(
     best = {c: (np.empty(0), np.empty((0, 3), dtype=np.int64)) for c in wanted}
     n_images = len(dataset) if max_images is None else min(len(dataset), max_images)
     for index in tqdm(
-        range(n_images), desc="select pixels", disable=None if progress else True, leave=False
+        range(n_images), desc="select pixels", disable=not show_progress(progress), leave=False
     ):
         mask = dataset.load_mask(index)
         if mask is None:
@@ -164,7 +165,7 @@ def sample_features(
     items = tqdm(
         selection.positions.items(),
         desc="features",
-        disable=None if progress else True,
+        disable=not show_progress(progress),
         leave=False,
     )
     for index, (ys, xs, lab) in items:

@@ -20,6 +20,7 @@ from protoseg.analysis.legend import legend_entries, legend_strip
 from protoseg.config import EvalConfig
 from protoseg.data import colorize, image_size, read_rgb, save_mask_png, to_rgb
 from protoseg.inference import Predictor
+from protoseg.progress import show_progress
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def predict_paths(
         total=total,
         desc="predict",
         unit="img",
-        disable=None if progress else True,
+        disable=not show_progress(progress),
         dynamic_ncols=True,
     )
     try:

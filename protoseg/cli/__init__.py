@@ -134,8 +134,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from protoseg.config import load_config
     from protoseg.data import build_dataset, build_eval_loader, eval_transform
     from protoseg.distributed import cleanup, init_distributed
-    from protoseg.engine.runtime import show_progress
     from protoseg.inference import evaluate, format_table, load, save_result
+    from protoseg.progress import show_progress
 
     overrides = list(args.overrides)
     config = args.config

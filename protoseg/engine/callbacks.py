@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from protoseg.engine.checkpoint import checkpoint_dir, prune_checkpoints
-from protoseg.engine.runtime import show_progress
 from protoseg.files import atomic_write, save_file
 from protoseg.inference import format_table, save_result
+from protoseg.progress import show_progress
 
 if TYPE_CHECKING:
     from protoseg.engine.trainer import Trainer

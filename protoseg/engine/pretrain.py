@@ -34,8 +34,8 @@ from protoseg.data.synthetic_pretrain import (
     render_pretrain_set,
 )
 from protoseg.distributed import resolve_device
-from protoseg.engine.runtime import show_progress
 from protoseg.files import atomic_write
+from protoseg.progress import show_progress
 
 log = logging.getLogger(__name__)
 

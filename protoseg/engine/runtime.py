@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,12 +35,6 @@ def configure_determinism(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.deterministic = deterministic
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def show_progress(wanted: bool) -> bool:
-    """Progress bars only on a terminal: in a batch job's log they are noise (log lines are
-    written instead)."""
-    return wanted and sys.stderr.isatty()
 
 
 @contextlib.contextmanager

@@ -35,16 +35,12 @@ from protoseg.engine.checkpoint import (
 from protoseg.engine.data import TrainingData
 from protoseg.engine.optim import build_optimizer, build_scheduler
 from protoseg.engine.run_lock import RunLock
-from protoseg.engine.runtime import (
-    configure_determinism,
-    resolve_precision,
-    run_log,
-    show_progress,
-)
+from protoseg.engine.runtime import configure_determinism, resolve_precision, run_log
 from protoseg.inference import EvalResult, evaluate
 from protoseg.inference.model_file import model_payload
 from protoseg.methods import create_method
 from protoseg.models import create_model
+from protoseg.progress import show_progress
 
 log = logging.getLogger(__name__)
 
