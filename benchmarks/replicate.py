@@ -142,7 +142,7 @@ def run_one(task: dict) -> dict:
         extra,
     )
     row = train_run(cfg, spec).to_dict()
-    row.update({k: task[k] for k in ("method", *AXES, "threads")})
+    row.update({k: task[k] for k in ("method", *AXES)})  # "threads" is measured by train_run
     row["recipe"] = task["config"]
     tmp = out_dir / "outcome.json.tmp"  # replaced atomically: a half-written file is no result
     tmp.write_text(json.dumps(row, indent=2))

@@ -130,8 +130,15 @@ def build_run_config(
     return load_config(spec.config, overrides)
 
 
-def _train_in_child(run: tuple[Config, RunSpec], threads: int | None) -> RunOutcome:
-    """A worker process's task: its thread count, then the run (logs go to its train.log)."""
+def _check_parallelism(jobs: int, threads: int | None) -> None:
+    """Refuse a run count or thread count below one."""
+    if jobs < 1 or (threads is not None and threads < 1):
+        raise ValueError(f"--jobs {jobs} and --threads {threads} must be >= 1")
+
+
+def _train_with_threads(run: tuple[Config, RunSpec], threads: int | None) -> RunOutcome:
+    """Set this process's thread count (None: leave it), then train the run; a spawned
+    worker's task, whose log goes to the run's train.log."""
     import torch
 
     if threads:
@@ -147,17 +154,12 @@ def train_runs(
     With ``jobs`` 1 the runs train here, one after another. Otherwise each trains in a fresh
     spawned process (CUDA and PyTorch's thread pools do not survive a fork).
     """
-    if jobs < 1 or (threads is not None and threads < 1):
-        raise ValueError(f"jobs={jobs} and threads={threads} must be >= 1")
+    _check_parallelism(jobs, threads)
     if jobs == 1:
-        import torch
-
-        if threads:
-            torch.set_num_threads(threads)
         outcomes = []
-        for cfg, spec in runs:
-            log.info("demo: training %s", spec.name)
-            outcomes.append(train_run(cfg, spec))
+        for run in runs:
+            log.info("demo: training %s", run[1].name)
+            outcomes.append(_train_with_threads(run, threads))
         return outcomes
     log.info(
         "demo: training %s, %d at a time, %s thread(s) each; progress in <run>/train.log",
@@ -167,7 +169,7 @@ def train_runs(
     )
     context = multiprocessing.get_context("spawn")
     with context.Pool(min(jobs, len(runs)), maxtasksperchild=1) as pool:
-        pending = [pool.apply_async(_train_in_child, (run, threads)) for run in runs]
+        pending = [pool.apply_async(_train_with_threads, (run, threads)) for run in runs]
         outcomes = []
         for (_, spec), result in zip(runs, pending):
             outcomes.append(result.get())
@@ -304,13 +306,12 @@ def run_demo(
         jobs = min(len(specs), max(3, os.cpu_count() or 1)) if on_cpu else 1
     if threads is None and on_cpu and jobs > 1:
         threads = 1
-    if jobs < 1 or (threads is not None and threads < 1):
-        raise ValueError(f"--jobs {jobs} and --threads {threads} must be >= 1")
+    _check_parallelism(jobs, threads)  # before the pretraining, not minutes into it
     backbone = ensure_backbone(out / "pretrained", pretrained, device)
     data_root = ensure_dataset(out / "data")
+    extra = ["train.progress=false"] if jobs > 1 else []  # interleaved bars say nothing
     runs = []
     for spec in specs:
-        extra = ["train.progress=false"] if jobs > 1 else []  # interleaved bars say nothing
         cfg = build_run_config(
             spec, data_root, out / spec.name, seed, iterations, device, extra, backbone
         )
