@@ -21,6 +21,7 @@ from protoseg.data import (
     train_transform,
     write_split,
 )
+from protoseg.data import datasets as datasets_module
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -195,6 +196,65 @@ def test_aug_seed_makes_items_reproducible(synthetic_root: Path) -> None:
     torch.manual_seed(0)
     ds[(1, 99)]
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_seeded_items_leave_other_generators_alone(
+    synthetic_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torch.manual_seed also (re)seeds every accelerator generator, which fork_rng(devices=[])
+    # does not restore; a seeded item may only seed the CPU generator the transforms use.
+    cfg = _cfg(
+        synthetic_root,
+        num_classes=6,
+        crop_size=48,
+        mask_dir="SegmentationClass",
+        labeled_split="splits/8/labeled.txt",
+    )
+    ds = build_dataset(cfg, "labeled", train_transform(cfg))
+    expected = ds[(2, 77)]
+
+    def refuse(seed: int) -> None:
+        raise AssertionError(f"torch.manual_seed({seed}) called while reading an item")
+
+    monkeypatch.setattr(torch, "manual_seed", refuse)
+    again = ds[(2, 77)]
+    assert torch.equal(again["image"], expected["image"])
+    assert torch.equal(again["mask"], expected["mask"])
+
+
+def test_cache_images_reads_each_file_once_and_gives_the_same_items(
+    synthetic_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kw = dict(
+        num_classes=6,
+        crop_size=48,
+        mask_dir="SegmentationClass",
+        labeled_split="splits/8/labeled.txt",
+    )
+    plain_cfg = _cfg(synthetic_root, **kw)
+    cached_cfg = _cfg(synthetic_root, cache_images=True, **kw)
+    plain = build_dataset(plain_cfg, "labeled", train_transform(plain_cfg))
+    cached = build_dataset(cached_cfg, "labeled", train_transform(cached_cfg))
+    opened: list[str] = []
+    real_open = datasets_module.open_image
+
+    def counting_open(path: object, *args: object, **kwargs: object) -> Image.Image:
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(datasets_module, "open_image", counting_open)
+    for seed in range(3):
+        for index in range(len(cached)):
+            a, b = plain[(index, seed)], cached[(index, seed)]
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    # The plain dataset opened image and mask every time; the cached one once per sample.
+    assert len(opened) == 2 * 3 * len(plain) + 2 * len(cached)
+    # What the caller does to a returned mask never reaches the cache.
+    image, mask = cached._read(0)
+    assert mask is not None
+    mask[:] = 5
+    _, again = cached._read(0)
+    assert again is not None and not (again == 5).all()
 
 
 # ---- errors: each names the offending file and says what to do ----

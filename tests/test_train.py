@@ -9,10 +9,10 @@ import pytest
 import torch
 from helpers import poison_step, tiny_overrides
 
-from protoseg.config import load_config
+from protoseg.config import OptimConfig, load_config
 from protoseg.data import build_dataset, build_eval_loader, eval_transform
 from protoseg.engine.checkpoint import latest_checkpoint, list_checkpoints
-from protoseg.engine.optim import poly_factor
+from protoseg.engine.optim import build_optimizer, poly_factor
 from protoseg.engine.trainer import NonFiniteLossError, Trainer
 from protoseg.files import CheckpointError
 from protoseg.methods import METHODS
@@ -27,6 +27,31 @@ def test_poly_schedule_values():
     assert poly_factor(50, 100, 0.9) == pytest.approx(0.5**0.9)
     assert poly_factor(100, 100, 0.9) == 0.0
     assert poly_factor(150, 100, 0.9) == 0.0
+
+
+def test_optimizer_steps_equal_the_per_parameter_loop():
+    # build_optimizer takes the multi-tensor path on every device; on a CPU it must still give
+    # PyTorch's per-parameter SGD values bit for bit, or every recorded result would move.
+    def trained(multi_tensor: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+        net.add_module("head", torch.nn.Conv2d(8, 4, 1))
+        cfg = OptimConfig(lr=0.05, weight_decay=1e-3, momentum=0.9, decoder_lr_mult=1.0)
+        if multi_tensor:
+            optimiser = build_optimizer(net, cfg)
+        else:
+            optimiser = torch.optim.SGD(
+                net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, foreach=False
+            )
+        inputs = torch.randn(6, 2, 3, 9, 9, generator=torch.Generator().manual_seed(1))
+        for batch in inputs:
+            optimiser.zero_grad()
+            net(batch).square().mean().backward()
+            optimiser.step()
+        return {k: v.clone() for k, v in net.state_dict().items()}
+
+    multi, loop = trained(True), trained(False)
+    assert all(torch.equal(multi[k], loop[k]) for k in loop)
 
 
 # End to end (tens of seconds): in `make test-all`, not the default suite.

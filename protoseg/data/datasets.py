@@ -152,6 +152,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
     ``max_pixels`` is the decompression-bomb limit (None: the one in force when the dataset
     is built, see :func:`protoseg.data.io.max_image_pixels`; 0: none). It is stored on the
     dataset so DataLoader workers apply the same limit however they are started.
+    ``cache_images`` keeps every image and mask after its first read (``data.cache_images``);
+    items are the same with and without it.
     """
 
     def __init__(
@@ -162,6 +164,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         ignore_index: int = 255,
         label_lookup: np.ndarray | None = None,
         max_pixels: int | None = None,
+        cache_images: bool = False,
     ) -> None:
         if num_classes <= 0:
             raise DataError(f"num_classes={num_classes} must be > 0; set data.num_classes")
@@ -171,6 +174,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.ignore_index = ignore_index
         self.label_lookup = None if label_lookup is None else np.asarray(label_lookup)
         self.max_pixels = max_image_pixels(max_pixels) or 0
+        self._cache: dict[int, tuple[Image.Image, np.ndarray | None]] | None = (
+            {} if cache_images else None
+        )
         # Which samples need their mask ids mapped through label_lookup, by position.
         self.map_ids = [sample.map_ids for sample in self.samples]
         if any(self.map_ids) and self.label_lookup is None:
@@ -238,6 +244,18 @@ class SegmentationDataset(torch.utils.data.Dataset):
             f"data.ignore_index to the value that marks unlabelled pixels, or remap the masks"
         )
 
+    def _read(self, index: int) -> tuple[Image.Image, np.ndarray | None]:
+        """The image and checked mask of sample ``index``, from the cache when it is on."""
+        if self._cache is None or index not in self._cache:
+            image = self.load_image(index)
+            read = (image, self.load_mask(index, image.size))
+            if self._cache is None:
+                return read
+            self._cache[index] = read
+        image, mask = self._cache[index]
+        # The transforms may hand the mask's memory on; the cached one must stay as read.
+        return image, None if mask is None else mask.copy()
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         """Sample ``key`` (an index, or (index, aug_seed)) as a dict of tensors and metadata."""
         if isinstance(key, tuple):
@@ -247,8 +265,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} samples")
         index %= len(self)
-        image = self.load_image(index)
-        mask = self.load_mask(index, image.size)
+        image, mask = self._read(index)
         probe = None
         if mask is None:
             # An all-"real" stand-in label rides through the same geometry, so the crop's
@@ -258,7 +275,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
             image_t, mask_t = self.transform(image, mask if probe is None else probe)
         else:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(aug_seed)
+                # The CPU generator alone: the transforms draw nothing else, and
+                # torch.manual_seed would also queue (per item, with a stack trace) a seeding
+                # of every accelerator generator, which fork_rng(devices=[]) does not restore.
+                torch.default_generator.manual_seed(aug_seed)
                 image_t, mask_t = self.transform(image, mask if probe is None else probe)
         item: dict[str, Any] = {
             "image": image_t,
@@ -341,6 +361,7 @@ def build_dataset(
         ignore_index=cfg.ignore_index,
         label_lookup=LABEL_LOOKUPS.get(cfg.layout) if cfg.map_label_ids else None,
         max_pixels=max_pixels,
+        cache_images=cfg.cache_images,
     )
     if cfg.check_files:
         _check_headers(dataset, line_numbers, path)

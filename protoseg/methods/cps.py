@@ -99,7 +99,8 @@ def second_network(model: nn.Module, cfg: Config) -> nn.Module:
     first keeps what the trainer did to it (SyncBatchNorm, memory format, device).
     """
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.train.seed + SECOND_SEED_OFFSET)
+        # CPU generator only: fork_rng(devices=[]) would not restore the accelerators'.
+        torch.default_generator.manual_seed(cfg.train.seed + SECOND_SEED_OFFSET)
         fresh = create_model(cfg.model, cfg.data.num_classes)
     right = copy.deepcopy(model)
     right.load_state_dict(fresh.state_dict())
