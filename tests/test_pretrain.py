@@ -108,6 +108,25 @@ def test_pretraining_is_cached_by_its_settings(tmp_path, monkeypatch):
         ensure_pretrained(tmp_path, TINY, device="cpu", progress=False)
 
 
+def test_pretrained_weights_do_not_depend_on_the_callers_thread_count(tmp_path):
+    # The settings fix the thread count (torch's CPU reductions split per thread), so the
+    # same settings give the same file on machines with other core counts.
+    before = torch.get_num_threads()
+    files = []
+    try:
+        for ambient in (1, 3):
+            torch.set_num_threads(ambient)
+            out = tmp_path / f"ambient{ambient}"
+            files.append(pretrain.pretrain_backbone(TINY, out / "w.safetensors", "cpu", False))
+            assert torch.get_num_threads() == ambient  # the caller's count is given back
+        one, three = (load_file(str(result.file)) for result in files)
+        assert all(torch.equal(one[k], three[k]) for k in one)
+        # The count is a setting of its own: another one is another file name.
+        assert dataclasses.replace(TINY, threads=1).file_name() != TINY.file_name()
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_pretrain_command_writes_then_reuses(tmp_path, capsys):
     args = ["pretrain", "--out", str(tmp_path), "--num-images", "64", "--epochs", "1"]
     args += ["--device", "cpu"]

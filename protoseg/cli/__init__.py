@@ -213,7 +213,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     chosen = {
         key: getattr(args, key)
-        for key in ("backbone", "num_images", "image_size", "epochs", "seed")
+        for key in ("backbone", "num_images", "image_size", "epochs", "seed", "threads")
         if getattr(args, key) is not None
     }
     settings = PretrainSettings(**chosen)
@@ -409,6 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None, help="pixels a side (32)")
     p.add_argument("--epochs", type=int, default=None, help="(6)")
     p.add_argument("--seed", type=int, default=None, help="draw of the set and init (0)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (2); the weights depend on the count, not on the machine's cores",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--force", action="store_true", help="train again even if cached")
 

@@ -57,11 +57,15 @@ class PretrainSettings:
     lr: float = 0.003
     weight_decay: float = 0.05
     seed: int = 0
+    # CPU threads of the training: torch's CPU kernels split their reductions per thread, so
+    # the weights (and every result trained from them) depend on the count, not on the cores.
+    # Fixed, the same settings give the same file on any machine (with the same CPU kernels).
+    threads: int = 2
 
     def check(self) -> None:
         """Refuse settings no run could use."""
-        if min(self.num_images, self.num_val, self.epochs, self.batch_size) < 1:
-            raise ValueError("num_images, num_val, epochs and batch_size must all be >= 1")
+        if min(self.num_images, self.num_val, self.epochs, self.batch_size, self.threads) < 1:
+            raise ValueError("num_images, num_val, epochs, batch_size and threads must all be >= 1")
         if self.image_size < 16:
             raise ValueError(f"image_size={self.image_size} must be >= 16")
         if self.lr <= 0 or self.weight_decay < 0:
@@ -139,8 +143,18 @@ def pretrain_backbone(
 ) -> PretrainResult:
     """Train the backbone's classifier on the pretraining set and save it to ``out_file``."""
     settings.check()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        return _pretrain(settings, out_file, resolve_device(device), progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(
+    settings: PretrainSettings, out_file: Path, dev: torch.device, progress: bool
+) -> PretrainResult:
     started = time.perf_counter()
-    dev = resolve_device(device)
     torch.manual_seed(settings.seed)
     workers = max(1, min(8, os.cpu_count() or 1))
     log.info(
