@@ -161,14 +161,20 @@ def test_folder_layout_with_unlabelled_images(tmp_path: Path) -> None:
     assert (orange - torch.tensor([250.0, 100, 50])[:, None, None]).abs().max() < 0.01
 
 
-def test_aug_seed_makes_items_reproducible(synthetic_root: Path) -> None:
-    cfg = _cfg(
-        synthetic_root,
+def _synthetic_labeled(root: Path, **kw: object) -> DataConfig:
+    """The synthetic set's 8-label split, 48 px crops."""
+    return _cfg(
+        root,
         num_classes=6,
         crop_size=48,
         mask_dir="SegmentationClass",
         labeled_split="splits/8/labeled.txt",
+        **kw,
     )
+
+
+def test_aug_seed_makes_items_reproducible(synthetic_root: Path) -> None:
+    cfg = _synthetic_labeled(synthetic_root)
     ds = build_dataset(cfg, "labeled", train_transform(cfg))
     first, again = ds[(3, 1234)], ds[(3, 1234)]
     assert torch.equal(first["image"], again["image"])
@@ -203,13 +209,7 @@ def test_seeded_items_leave_other_generators_alone(
 ) -> None:
     # torch.manual_seed also (re)seeds every accelerator generator, which fork_rng(devices=[])
     # does not restore; a seeded item may only seed the CPU generator the transforms use.
-    cfg = _cfg(
-        synthetic_root,
-        num_classes=6,
-        crop_size=48,
-        mask_dir="SegmentationClass",
-        labeled_split="splits/8/labeled.txt",
-    )
+    cfg = _synthetic_labeled(synthetic_root)
     ds = build_dataset(cfg, "labeled", train_transform(cfg))
     expected = ds[(2, 77)]
 
@@ -225,14 +225,8 @@ def test_seeded_items_leave_other_generators_alone(
 def test_cache_images_reads_each_file_once_and_gives_the_same_items(
     synthetic_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    kw = dict(
-        num_classes=6,
-        crop_size=48,
-        mask_dir="SegmentationClass",
-        labeled_split="splits/8/labeled.txt",
-    )
-    plain_cfg = _cfg(synthetic_root, **kw)
-    cached_cfg = _cfg(synthetic_root, cache_images=True, **kw)
+    plain_cfg = _synthetic_labeled(synthetic_root)
+    cached_cfg = _synthetic_labeled(synthetic_root, cache_images=True)
     plain = build_dataset(plain_cfg, "labeled", train_transform(plain_cfg))
     cached = build_dataset(cached_cfg, "labeled", train_transform(cached_cfg))
     opened: list[str] = []
