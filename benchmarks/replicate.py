@@ -12,12 +12,12 @@ starts from the same pretrained backbone (``protoseg pretrain``'s, made once in
 unfinished one restarts and the Trainer resumes from its checkpoint. Writes ``results.json``
 (one row per run) and ``results.md`` (spread per axis, paired tests, per-draw table).
 
-The README's comparisons at the shipped recipe (800 iterations): seven recipes over the five
+The README's comparisons at the shipped recipe (800 iterations): every recipe over the five
 draws, and supervised over draw 0's five labelled splits, two at a time:
 
-    python benchmarks/replicate.py --methods supervised cutmix_seg pcr fixmatch fixmatch+pcr \
-        unimatch unimatch+pcr --data-seeds 0 1 2 3 4 --split-seeds 0 --seeds 0 --design grid \
-        --jobs 2 --out runs/rep800
+    python benchmarks/replicate.py --methods supervised mean_teacher cutmix_seg pcr fixmatch \
+        fixmatch+pcr unimatch unimatch+pcr u2pl u2pl+pcr cps cps+pcr --data-seeds 0 1 2 3 4 \
+        --split-seeds 0 --seeds 0 --design grid --jobs 2 --out runs/rep800
     python benchmarks/replicate.py --methods supervised --data-seeds 0 --split-seeds 0 1 2 3 4 \
         --seeds 0 --design grid --jobs 2 --out runs/rep800
 
