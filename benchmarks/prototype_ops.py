@@ -9,11 +9,13 @@ stride-4 maps of a 513 crop (129 x 129, what "all pixels" costs). Rows:
 - similarity + logits + update: the PCR branch (Eq. 2 logits, then Eq. 11's update reusing
   the similarities), against the release's loop (per class: logits, then assignment and
   mean per prototype);
-- update alone: ``bank.update`` computing its own assignments, against the per-class loop.
+- update alone: ``bank.update`` computing its own assignments, against the per-class loop;
+- in training: the branch with the backward pass of its logits (what a training step pays),
+  against the product's forward and backward.
 
 The operations are timed in interleaved rounds (one call of each per round) and the
 median is reported, so that a busy machine slows all of them alike. ``--baseline REV``
-adds a column for ``protoseg/prototypes.py`` as it was at git revision REV.
+adds a column for the bank's module as it was at git revision REV.
 
 ``--profile`` prints torch.profiler's top operators of the branch instead (and of the
 baseline's, with ``--baseline``).
@@ -73,14 +75,20 @@ def naive_update(bank: PrototypeBank, feats: torch.Tensor, labels: torch.Tensor)
                 protos[c, m] = bank.momentum * protos[c, m] + (1 - bank.momentum) * assigned.mean(0)
 
 
+BANK_MODULE_PATHS = ("protoseg/components/prototypes.py", "protoseg/prototypes.py")
+
+
 def load_baseline(rev: str) -> ModuleType:
-    """``protoseg/prototypes.py`` as it was at git revision ``rev``, as a module."""
-    source = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{rev}:protoseg/prototypes.py"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    """The bank's module as it was at git revision ``rev`` (wherever it lived then)."""
+    for relative in BANK_MODULE_PATHS:
+        shown = subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{rev}:{relative}"], capture_output=True, text=True
+        )
+        if shown.returncode == 0:
+            source = shown.stdout
+            break
+    else:
+        sys.exit(f"no {' or '.join(BANK_MODULE_PATHS)} at git revision {rev!r}")
     path = Path(tempfile.mkdtemp()) / "baseline_prototypes.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("baseline_prototypes", path)
@@ -130,6 +138,35 @@ def naive_branch(bank, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return logits
 
 
+def training(fn: Callable, grad: torch.Tensor) -> Callable:
+    """``fn``'s branch as a training step runs it: features that need a gradient, the
+    logits' backward with ``grad`` (a stand-in for the loss's), the update on detached
+    features. Returns the logits and the features' gradient."""
+
+    def run(bank, feats: torch.Tensor, labels: torch.Tensor):
+        leaf = feats.detach().requires_grad_()
+        logits = fn(bank, leaf, labels)
+        logits.backward(grad)
+        return logits.detach(), leaf.grad
+
+    return run
+
+
+def branch_for_training(bank, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """:func:`branch` as PrototypeBranch.losses calls it: the update on detached features."""
+    sims = bank.similarity(feats)
+    logits = bank.logits_from_similarity(sims)
+    bank.update(feats.detach(), labels, similarity=sims)
+    return logits
+
+
+def naive_branch_for_training(bank, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The per-class loops, the update on detached features."""
+    logits = naive_logits(bank, feats)
+    naive_update(bank, feats.detach(), labels)
+    return logits
+
+
 def measure(
     label: str,
     feats: torch.Tensor,
@@ -154,31 +191,47 @@ def measure(
 
         return run
 
-    fns: dict[str, Callable[[], object]] = {"product": lambda: feats @ normalized.T}
+    generator = torch.Generator().manual_seed(1)
+    logits_grad = torch.randn(feats.shape[0], classes, generator=generator).to(device)
+    product_grad = torch.randn(feats.shape[0], classes * per_class, generator=generator)
+    product_grad = product_grad.to(device)
+
+    def product_with_backward() -> None:
+        leaf = feats.detach().requires_grad_()
+        (leaf @ normalized.T).backward(product_grad)
+
+    fns: dict[str, Callable[[], object]] = {
+        "product": lambda: feats @ normalized.T,
+        "product+backward": product_with_backward,
+    }
     for name in banks:
         loop = name == "loop"
         fns[f"branch/{name}"] = fresh(name, naive_branch if loop else branch)
         fns[f"update/{name}"] = fresh(name, naive_update if loop else own_update)
+        trained = naive_branch_for_training if loop else branch_for_training
+        fns[f"train/{name}"] = fresh(name, training(trained, logits_grad))
     seconds = timed_together(fns, repeats, device)
 
     diffs = {}
-    for op in ("branch", "update"):
+    for op in ("branch", "update", "train"):
         results = {}
         for name in banks:
-            logits = fns[f"{op}/{name}"]()
-            results[name] = (logits, banks[name].prototypes.clone())
-        ref_logits, ref_protos = results["loop"]
+            out = fns[f"{op}/{name}"]()
+            results[name] = (out, banks[name].prototypes.clone())
+        ref_out, ref_protos = results["loop"]
         diffs[op] = {}
         for name in banks:
-            logits, protos = results[name]
+            out, protos = results[name]
             diff = (protos - ref_protos).abs().max().item()
             if op == "branch":
-                diff = max(diff, (logits - ref_logits).abs().max().item())
+                diff = max(diff, (out - ref_out).abs().max().item())
+            if op == "train":  # logits and the features' gradient
+                diff = max(diff, *((a - b).abs().max().item() for a, b in zip(out, ref_out)))
             diffs[op][name] = diff
-    product = seconds["product"]
 
-    def row(op: str, title: str) -> str:
+    def row(op: str, title: str, reference: str = "product") -> str:
         new, loop = seconds[f"{op}/new"], seconds[f"{op}/loop"]
+        product = seconds[reference]
         cells = [
             label,
             title,
@@ -194,11 +247,17 @@ def measure(
         return "| " + " | ".join(cells) + " |"
 
     empty = ["-"] * (3 if baseline is not None else 0)
-    product_cells = [label, "product alone (N,D)x(D,C*M)", f"{product * 1e3:.1f}", "1.00x"]
+
+    def reference_row(name: str, title: str) -> str:
+        cells = [label, title, f"{seconds[name] * 1e3:.1f}", "1.00x", "-", "-", *empty, "-"]
+        return "| " + " | ".join(cells) + " |"
+
     return [
-        "| " + " | ".join(product_cells + ["-", "-", *empty, "-"]) + " |",
+        reference_row("product", "product alone (N,D)x(D,C*M)"),
         row("branch", "similarity + logits + update"),
         row("update", "update alone (own assignment)"),
+        reference_row("product+backward", "product forward + backward"),
+        row("train", "training: branch + logits' backward", "product+backward"),
     ]
 
 
@@ -259,7 +318,14 @@ def main() -> None:
     modules = {"protoseg": sys.modules[PrototypeBank.__module__]}
     if baseline is not None:
         modules[f"baseline {args.baseline}"] = baseline
-    header = ["pixels", "operation", "protoseg ms", "/ product", "per-class loop ms", "loop / new"]
+    header = [
+        "pixels",
+        "operation",
+        "protoseg ms",
+        "/ its product",
+        "per-class loop ms",
+        "loop / new",
+    ]
     if baseline is not None:
         header += ["baseline ms", "baseline / product", "baseline / new"]
     header.append("max abs diff to loop")

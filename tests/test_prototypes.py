@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import protoseg.components.prototypes as prototypes_module
 from protoseg.components.prototypes import (
     PrototypeBank,
     PrototypeSegmenter,
@@ -503,7 +504,9 @@ def test_logits_gradient_equals_amax_gradient_also_with_duplicate_prototypes():
     assert torch.allclose(grad, feats.grad, atol=1e-5)
 
 
-def test_branch_has_no_data_dependent_shapes_or_host_syncs():
+def test_branch_has_no_data_dependent_shapes_or_host_syncs(monkeypatch):
+    # The accelerators' path, taken here on the CPU (which reads one count on the host).
+    monkeypatch.setattr(prototypes_module, "_host_reads_are_free", lambda device: False)
     bank = make_bank(c=4, m=2, d=8)
     feats = torch.randn(40, 8)
     labels = torch.randint(0, 4, (40,))
@@ -558,3 +561,39 @@ def test_gather_features_on_cpu_samples_a_bf16_map_as_fp32():
     assert torch.equal(got, gather_features(fmap.float(), coords, (77, 93)))
     forced = gather_features(fmap, coords, (77, 93), corner_gather=True)
     assert torch.allclose(got, forced, atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["batch_mean", "per_pixel"])
+def test_update_skipping_ignored_rows_equals_the_accelerators_path(monkeypatch, rule):
+    """The CPU leaves the ignored pixels' rows unread; accelerators sum them into an extra
+    bag to keep shapes fixed. Both must give the same bank, bit for bit."""
+    gen = torch.Generator().manual_seed(11)
+    feats = torch.randn(2000, 32, generator=gen)
+    labels = torch.randint(0, 5, (2000,), generator=gen)
+    labels[torch.rand(2000, generator=gen) < 0.4] = 255
+    banks = []
+    for free in (True, False):
+        monkeypatch.setattr(
+            prototypes_module, "_host_reads_are_free", lambda device, free=free: free
+        )
+        bank = make_bank(c=5, m=3, d=32)
+        counts = bank.update(feats, labels, rule=rule)
+        banks.append((bank.prototypes.clone(), counts))
+        all_ignored = torch.full((2000,), 255)
+        assert bank.update(feats, all_ignored, rule=rule).sum() == 0
+        assert torch.equal(bank.prototypes, banks[-1][0])  # nothing labelled: nothing moves
+    assert torch.equal(banks[0][0], banks[1][0])
+    assert torch.equal(banks[0][1], banks[1][1])
+    assert banks[0][1].sum() == (labels != 255).sum()
+
+
+def test_logits_are_the_same_with_and_without_a_gradient():
+    """Two kernels take the max over M (one when a gradient is kept): equal values."""
+    bank = make_bank(c=4, m=3, d=16)
+    bank.prototypes[2, 1] = bank.prototypes[2, 0]  # an exact tie
+    feats = torch.randn(300, 16)
+    with torch.no_grad():
+        plain = bank.logits(feats)
+    kept = bank.logits(feats.clone().requires_grad_())
+    assert kept.requires_grad
+    assert torch.equal(plain, kept.detach())

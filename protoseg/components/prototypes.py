@@ -46,6 +46,11 @@ def _all_gather(tensor: Tensor) -> Tensor:
     return torch.stack(parts)
 
 
+def _host_reads_are_free(device: torch.device) -> bool:
+    """Whether reading a tensor's value in Python waits for nothing (a CPU tensor)."""
+    return device.type == "cpu"
+
+
 class PrototypeBank(nn.Module):
     """C classes x M prototypes x D dims, used as a nearest-prototype classifier.
 
@@ -73,11 +78,10 @@ class PrototypeBank(nn.Module):
         self.momentum, self.temperature, self.ignore_index = momentum, temperature, ignore_index
         self.register_buffer("prototypes", torch.zeros(num_classes, per_class, dim))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-        # accumulate()'s running sums and counts, one row per slot c * M + m plus a last row
-        # that collects ignored pixels. Not persistent: they are empty whenever a checkpoint
-        # is written (after an optimiser step, so after apply_pending), and buffers follow
-        # .to(device) like the prototypes.
-        slots = num_classes * per_class + 1
+        # accumulate()'s running sums and counts, one row per slot c * M + m. Not persistent:
+        # they are empty whenever a checkpoint is written (after an optimiser step, so after
+        # apply_pending), and buffers follow .to(device) like the prototypes.
+        slots = num_classes * per_class
         self.register_buffer("_pending_sums", torch.zeros(slots, dim), persistent=False)
         self.register_buffer("_pending_counts", torch.zeros(slots), persistent=False)
         self._pending_rule: str | None = None
@@ -128,8 +132,12 @@ class PrototypeBank(nn.Module):
     def logits_from_similarity(self, similarity: Tensor) -> Tensor:
         """Eq. 2's logits from (N, C, M) cosine similarities: max over M, divided by T."""
         n, c, m = similarity.shape
-        # max_pool1d over windows of M is amax(dim=2) several times faster on CPU (a
-        # reduction over a last dimension of 3 or 4 is slow there); equal values.
+        if similarity.requires_grad:
+            # With a gradient to keep, max_pool1d runs its with-indices kernel, slower on
+            # the CPU (forward and backward) than max over dim 2: same values, same gradient.
+            return similarity.max(dim=2).values / self.temperature
+        # Without one, max_pool1d over windows of M is several times faster on the CPU than
+        # any reduction over a last dimension of 3 or 4; equal values.
         best = F.max_pool1d(similarity.reshape(n, 1, c * m), m)
         return best.view(n, c) / self.temperature
 
@@ -210,28 +218,40 @@ class PrototypeBank(nn.Module):
         self._pending_sums.add_(sums)
         self._pending_counts.add_(counts)
         self._pending_rule = rule
-        return counts[: self.num_slots].view(self.num_classes, self.per_class)
+        return counts.view(self.num_classes, self.per_class)
 
     def _slot_sums(self, feats: Tensor, flat: Tensor, rule: str) -> tuple[Tensor, Tensor]:
-        """Per-slot sums (C * M + 1, D) and counts of (N, D) features in slots ``flat``.
+        """Per-slot sums (C * M, D) and counts of (N, D) features in slots ``flat``.
 
         ``per_pixel`` weighs the pixel with k later pixels in its slot by a^k (Eq. 11 once
         per pixel in order, in closed form). One embedding_bag over the features sorted by
         slot: a segment sum that reads each row once, where index_add_ runs a scatter
         (slower on CPU), and the sort makes the counts and "later" ranks come without a
-        host sync. The last row collects the ignored pixels.
+        host sync. Ignored pixels (slot C * M) sort last.
         """
-        bags = self.num_slots + 1
+        slots = self.num_slots
         sorted_slots, order = torch.sort(flat, stable=True)  # stable: pixel order kept
-        bounds = torch.searchsorted(sorted_slots, torch.arange(bags + 1, device=flat.device))
-        counts = (bounds[1:] - bounds[:-1]).float()
+        bounds = torch.searchsorted(sorted_slots, torch.arange(slots + 2, device=flat.device))
+        counts = (bounds[1 : slots + 1] - bounds[:slots]).float()
         weights = None
         if rule == "per_pixel":
             position = torch.arange(flat.numel(), device=flat.device)
             later = bounds.index_select(0, sorted_slots + 1) - 1 - position
             weights = self.momentum ** later.float()
-        sums = F.embedding_bag(order, feats, bounds[:-1], mode="sum", per_sample_weights=weights)
-        return sums, counts
+        if _host_reads_are_free(flat.device):
+            # Reading the number of labelled pixels then waits for nothing, and the ignored
+            # pixels' rows are left unread (often half of them: unconfident pseudo-labels).
+            used = int(bounds[slots])
+            order = order[:used]
+            weights = None if weights is None else weights[:used]
+            return F.embedding_bag(
+                order, feats, bounds[:slots], mode="sum", per_sample_weights=weights
+            ), counts
+        # An accelerator keeps the shapes fixed: the ignored pixels make one more bag.
+        sums = F.embedding_bag(
+            order, feats, bounds[: slots + 1], mode="sum", per_sample_weights=weights
+        )
+        return sums[:slots], counts
 
     @torch.no_grad()
     def apply_pending(self) -> Tensor:
@@ -245,7 +265,7 @@ class PrototypeBank(nn.Module):
         """
         rule = self._pending_rule or "batch_mean"
         n, a = self.num_slots, self.momentum
-        packed = torch.cat([self._pending_sums[:n], self._pending_counts[:n, None]], dim=1)
+        packed = torch.cat([self._pending_sums, self._pending_counts[:, None]], dim=1)
         if rule == "batch_mean":
             packed = _all_reduce_(packed)
             sums, counts = packed[:, :-1], packed[:, -1]
