@@ -261,7 +261,6 @@ def measure(
             diffs[op][name] = diff
     logits = fns["speed-first"]()
     ref_logits, ref_protos = fns["branch/loop"](), banks["loop"].prototypes
-    fns["speed-first"]()
     speed_first_diff = max(
         (logits - ref_logits).abs().max().item(),
         (banks["new"].prototypes - ref_protos).abs().max().item(),

@@ -244,13 +244,11 @@ class PrototypeBank(nn.Module):
             used = int(bounds[slots])
             order = order[:used]
             weights = None if weights is None else weights[:used]
-            return F.embedding_bag(
-                order, feats, bounds[:slots], mode="sum", per_sample_weights=weights
-            ), counts
-        # An accelerator keeps the shapes fixed: the ignored pixels make one more bag.
-        sums = F.embedding_bag(
-            order, feats, bounds[: slots + 1], mode="sum", per_sample_weights=weights
-        )
+            offsets = bounds[:slots]
+        else:
+            # An accelerator keeps the shapes fixed: the ignored pixels make one more bag.
+            offsets = bounds[: slots + 1]
+        sums = F.embedding_bag(order, feats, offsets, mode="sum", per_sample_weights=weights)
         return sums[:slots], counts
 
     @torch.no_grad()
