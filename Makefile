@@ -2,7 +2,7 @@
 PYTHON ?= python3
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test test-all lint typecheck format
+.PHONY: install demo test test-all lint typecheck format docs docs-build
 
 install:
 	$(PYTHON) -m pip install -q -e '.[dev]'
@@ -26,3 +26,11 @@ typecheck: install
 format:
 	ruff format protoseg tests benchmarks
 	ruff check --fix protoseg tests benchmarks
+
+# The documentation site (docs/, mkdocs.yml): served with live reload while editing, and
+# built with every warning (a broken link or anchor, a page outside the nav) an error.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs serve
+
+docs-build: install
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict
