@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from protoseg.components import EMATeacher, TeacherSettings, valid_pixels
 from protoseg.config import Config, MethodConfig
-from protoseg.methods import register_method
 from protoseg.methods.common import MethodBase, split_outputs
 from protoseg.methods.protocol import Batch, StepOutput
+from protoseg.methods.registry import register_method
 
 
 @dataclass
@@ -37,9 +37,9 @@ class MeanTeacher(MethodBase):
     uses_unlabeled = True
 
     def __init__(self, model: torch.nn.Module, cfg: Config) -> None:
-        super().__init__(model, cfg)
+        super().__init__(model, cfg, warmup_epochs=cfg.method.warmup_epochs)
         self.config: MeanTeacherConfig = cfg.method
-        self.teacher = EMATeacher.from_settings(model, self.config)
+        self.teacher: EMATeacher = EMATeacher.from_settings(model, self.config)
 
     def training_step(self, labeled: Batch, unlabeled: Batch | None, step: int) -> StepOutput:
         """Supervised loss plus the weighted consistency loss after warm-up."""
