@@ -104,6 +104,15 @@ class MethodConfig:
         """Raise ValueError for values that types alone cannot rule out (subclasses extend)."""
 
 
+@dataclass
+class WarmupSettings:
+    """Mixed into a method's config that has a supervised warm-up (``method.warmup_epochs``);
+    ``protoseg.methods.common.MethodBase`` derives the warm-up's steps from it."""
+
+    # Supervised-only training before any unlabelled loss, in epochs of the epoch set.
+    warmup_epochs: float = 0.0
+
+
 # Finds the config dataclass of a method by name. The method registry lives with the
 # methods (``protoseg.methods.registry``), which installs its lookup here when imported;
 # this module imports no other layer of protoseg.

@@ -129,7 +129,9 @@ def test_prototype_only_ablation_is_refused_where_the_step_lacks_it(name):
 
 
 def test_every_registered_method_has_a_contract_test():
-    tested = {cls.name for cls in MethodContract.__subclasses__()}
+    # This file's contracts (test_adding_a_method.py adds its example's, registered only
+    # while its tests run).
+    tested = {c.name for c in MethodContract.__subclasses__() if c.__module__ == __name__}
     assert tested == set(METHODS)
 
 

@@ -27,6 +27,7 @@ from protoseg.components.prototypes import (
     sample_grid_coords,
 )
 from protoseg.components.pseudo_label import hard_labels
+from protoseg.config import WarmupSettings
 from protoseg.lifecycle import InitContext
 from protoseg.models.registry import register_head
 
@@ -77,7 +78,7 @@ class PrototypeConfig:
 
 
 @dataclass
-class PrototypePlugIn:
+class PrototypePlugIn(WarmupSettings):
     """Mixed into a method's config (first among its bases) to plug PCR's branch in.
 
     Adds the ``prototypes:`` block and a supervised warm-up (the bank's k-means needs a

@@ -24,7 +24,7 @@ from protoseg.components import (
     SupervisedObjective,
     hard_labels,
 )
-from protoseg.config import Config, MethodConfig
+from protoseg.config import Config, MethodConfig, WarmupSettings
 from protoseg.lifecycle import ContextFactory, InitContext
 from protoseg.methods.protocol import Batch, Deployment, StepOutput, StudentWrapper
 from protoseg.models import ParamGroups, param_groups
@@ -43,10 +43,11 @@ def split_outputs(out: dict[str, Tensor], n: int) -> tuple[dict[str, Tensor], di
 class MethodBase(nn.Module):
     """Protocol defaults: a student trained on labelled images, deployed as it is.
 
-    A subclass declares its parts through the constructor and typed attributes:
-    ``warmup_epochs`` (its supervised warm-up), ``self.teacher`` (an ``EMATeacher``, moved
-    after each step and deployed), ``self.student`` (what the optimiser trains; its
-    ``param_groups()`` gives the lr groups) and ``deployed_network()``.
+    A method declares its parts: its config's type (a ``WarmupSettings`` config has a
+    supervised warm-up, a ``PrototypePlugIn`` one gets the prototype branch) and typed
+    attributes: ``self.teacher`` (an ``EMATeacher``, moved after each step and deployed),
+    ``self.student`` (what the optimiser trains; its ``param_groups()`` gives the lr groups)
+    and ``deployed_network()``.
     """
 
     uses_unlabeled = False
@@ -56,13 +57,14 @@ class MethodBase(nn.Module):
     #: its pseudo-labels from ``pseudo_labels`` and skips its linear losses without them.
     supports_prototype_only: ClassVar[bool] = False
 
-    def __init__(self, model: nn.Module, cfg: Config, warmup_epochs: float = 0.0) -> None:
+    def __init__(self, model: nn.Module, cfg: Config) -> None:
         super().__init__()
         self.config: MethodConfig = cfg.method
         self.student = model
         self.num_classes, self.ignore_index = cfg.data.num_classes, cfg.data.ignore_index
         self.supervised_loss = SupervisedObjective.from_train_config(cfg.train, self.ignore_index)
-        self.warmup_epochs = warmup_epochs
+        method = cfg.method
+        self.warmup_epochs = method.warmup_epochs if isinstance(method, WarmupSettings) else 0.0
         self.warmup_steps = 0
         # The module the student runs through (DDP or compiled); a list keeps it out of
         # the state dict, so checkpoints hold the plain network.
@@ -89,7 +91,6 @@ class MethodBase(nn.Module):
             self.ignore_index,
             linear_head=plug_in.linear_head,
         )
-        self.warmup_epochs = plug_in.warmup_epochs
         # The primary head decides the best model and what eval reports first.
         linear, prototype = ("linear",), (PROTOTYPE_HEAD,)
         self.heads = (*linear, *prototype) if plug_in.linear_head else (*prototype, *linear)

@@ -24,7 +24,7 @@ from protoseg.components import (
     valid_pixels,
 )
 from protoseg.components.augment import paste_from_partner
-from protoseg.config import Config, MethodConfig
+from protoseg.config import Config, MethodConfig, WarmupSettings
 from protoseg.methods.common import MethodBase, split_outputs
 from protoseg.methods.protocol import Batch, StepOutput
 from protoseg.methods.registry import register_method
@@ -37,7 +37,7 @@ RIGHT = "right_"
 
 
 @dataclass
-class CPSConfig(MethodConfig):
+class CPSConfig(WarmupSettings, MethodConfig):
     """The CPS weight and the release's CutMix box masks."""
 
     name: str = "cps"
@@ -119,7 +119,7 @@ class CPS(MethodBase):
     uses_unlabeled = True
 
     def __init__(self, model: nn.Module, cfg: Config) -> None:
-        super().__init__(model, cfg, warmup_epochs=cfg.method.warmup_epochs)
+        super().__init__(model, cfg)
         self.config: CPSConfig = cfg.method
         self.student = NetworkPair(model, second_network(model, cfg))
         self._forward = [self.student]

@@ -49,7 +49,7 @@ class CutMixSeg(MethodBase):
     supports_prototype_only = True
 
     def __init__(self, model: torch.nn.Module, cfg: Config) -> None:
-        super().__init__(model, cfg, warmup_epochs=cfg.method.warmup_epochs)
+        super().__init__(model, cfg)
         self.config: CutMixSegConfig = cfg.method
         self.teacher: EMATeacher = EMATeacher.from_settings(model, self.config)
 

@@ -69,7 +69,7 @@ class FixMatch(MethodBase):
     uses_unlabeled = True
 
     def __init__(self, model: nn.Module, cfg: Config) -> None:
-        super().__init__(model, cfg, warmup_epochs=cfg.method.warmup_epochs)
+        super().__init__(model, cfg)
         self.config: FixMatchConfig = cfg.method
         c = self.config
         # MethodBase moves the declared EMA teacher after each step and deploys it; without

@@ -37,7 +37,7 @@ class MeanTeacher(MethodBase):
     uses_unlabeled = True
 
     def __init__(self, model: torch.nn.Module, cfg: Config) -> None:
-        super().__init__(model, cfg, warmup_epochs=cfg.method.warmup_epochs)
+        super().__init__(model, cfg)
         self.config: MeanTeacherConfig = cfg.method
         self.teacher: EMATeacher = EMATeacher.from_settings(model, self.config)
 

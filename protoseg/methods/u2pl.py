@@ -114,7 +114,7 @@ class U2PL(MethodBase):
     uses_unlabeled = True
 
     def __init__(self, model: nn.Module, cfg: Config) -> None:
-        super().__init__(model, cfg, warmup_epochs=cfg.method.warmup_epochs)
+        super().__init__(model, cfg)
         self.config: U2PLConfig = cfg.method
         c, m = self.config, cfg.model
         head: nn.Module = representation_head(

@@ -71,7 +71,7 @@ class UniMatch(MethodBase):
     uses_unlabeled = True
 
     def __init__(self, model: nn.Module, cfg: Config) -> None:
-        super().__init__(model, cfg, warmup_epochs=cfg.method.warmup_epochs)
+        super().__init__(model, cfg)
         self.config: UniMatchConfig = cfg.method
         self.photometric = PhotometricAugment(cfg.data.mean, cfg.data.std)
 
