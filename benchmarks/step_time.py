@@ -34,9 +34,9 @@ def build_step(args: argparse.Namespace, name: str):
     """
     import torch
 
-    from protoseg.components import InitContext
     from protoseg.config import load_config, method_config_class
     from protoseg.engine.optim import build_optimizer
+    from protoseg.lifecycle import InitContext
     from protoseg.methods import create_method
     from protoseg.models import create_model
 
@@ -86,8 +86,8 @@ def build_step(args: argparse.Namespace, name: str):
             {k: v.to(device) for k, v in unlabeled.items()},
         )
 
-    if method.needs_init(0):
-        method.initialize(InitContext([batch()[0]], device))
+    # The one-time set-up (a prototype bank's k-means) that training would run at step 0.
+    method.before_step(0, lambda: InitContext([batch()[0]], device))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     method.train()
 

@@ -23,6 +23,9 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         module, attr = _LAZY[name]
+        if module == "protoseg.config":
+            # A config's method section is resolved through the methods' registry.
+            importlib.import_module("protoseg.methods")
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'protoseg' has no attribute {name!r}")
 

@@ -8,7 +8,7 @@ Unknown keys and wrong types are errors that name the key.
 from __future__ import annotations
 
 import dataclasses
-import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,23 +104,35 @@ class MethodConfig:
         """Raise ValueError for values that types alone cannot rule out (subclasses extend)."""
 
 
-# method name -> its config dataclass; filled by protoseg.methods.register_method.
-METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
+@dataclass
+class WarmupSettings:
+    """Mixed into a method's config that has a supervised warm-up (``method.warmup_epochs``);
+    ``protoseg.methods.common.MethodBase`` derives the warm-up's steps from it."""
+
+    # Supervised-only training before any unlabelled loss, in epochs of the epoch set.
+    warmup_epochs: float = 0.0
+
+
+# Finds the config dataclass of a method by name. The method registry lives with the
+# methods (``protoseg.methods.registry``), which installs its lookup here when imported;
+# this module imports no other layer of protoseg.
+MethodConfigLookup = Callable[[str], "type[MethodConfig]"]
+_method_lookup: list[MethodConfigLookup] = []
+
+
+def use_method_configs(lookup: MethodConfigLookup) -> None:
+    """Resolve ``method.name`` through ``lookup`` from now on (the methods' registry)."""
+    _method_lookup[:] = [lookup]
 
 
 def method_config_class(name: str) -> type[MethodConfig]:
     """The config dataclass of the registered method ``name`` (ConfigError if unknown)."""
-    if name not in METHOD_CONFIGS:
-        # Registration happens when the method modules are imported.
-        import protoseg.methods  # noqa: F401
-    if name not in METHOD_CONFIGS:
-        close = difflib.get_close_matches(name, METHOD_CONFIGS, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
+    if not _method_lookup:
         raise ConfigError(
-            f"method.name={name!r} is not a registered method.{hint} "
-            f"Choose one of {', '.join(sorted(METHOD_CONFIGS))}"
+            f"method.name={name!r}: no method registry is loaded; import protoseg.methods "
+            "(protoseg.load_config and the CLI do) before loading a config"
         )
-    return METHOD_CONFIGS[name]
+    return _method_lookup[0](name)
 
 
 @dataclass

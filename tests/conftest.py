@@ -11,6 +11,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+import protoseg.methods  # noqa: E402, F401  (the registry protoseg.config resolves method.name by)
 from protoseg.data import generate_synthetic  # noqa: E402
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import pytest
 import torch
 
-from protoseg.components import InitContext
 from protoseg.config import load_config
 from protoseg.engine.optim import build_optimizer
+from protoseg.lifecycle import InitContext
 from protoseg.methods import create_method
 from protoseg.models import create_model
 
@@ -78,13 +79,22 @@ class MethodContract:
         out = method.training_step(labeled, unlabeled, step=0)
         assert out["loss"].dim() == 0 and out["loss"].requires_grad
         assert torch.isfinite(out["loss"])
-        assert all(isinstance(k, str) for k in out)
+        # Every logged term is one finite number (the engine averages them as floats).
+        for key, value in out.items():
+            number = value.detach() if torch.is_tensor(value) else torch.tensor(float(value))
+            assert number.numel() == 1 and torch.isfinite(number), key
 
     def test_unlabelled_loss_reaches_the_student(self):
         method, _ = self.build()
-        if not method.uses_unlabeled:
-            return
         labeled, unlabeled = batches()
+        if not method.uses_unlabeled:
+            # A labelled-only method must not read the unlabelled batch at all.
+            torch.manual_seed(4)
+            with_unlabeled = method.training_step(labeled, unlabeled, step=0)["loss"]
+            torch.manual_seed(4)
+            without = method.training_step(labeled, None, step=0)["loss"]
+            assert torch.equal(with_unlabeled, without)
+            return
         labeled["mask"].fill_(IGNORE)  # no supervised signal: what is left is unlabelled
         out = method.training_step(labeled, unlabeled, step=0)
         assert out["loss"].item() > 0
@@ -104,10 +114,24 @@ class MethodContract:
         assert optimised == student
 
     def test_warmup_trains_on_labels_only(self):
+        if not self.warmup:
+            pytest.skip(f"{self.name} has no warm-up setting")
         method, _ = self.build(*self.warmup)
+        assert method.warmup_steps > 0
         labeled, unlabeled = batches()
         out = method.training_step(labeled, unlabeled, step=0)
         assert set(out) <= {"loss", "loss_sup", "loss_aux"}
+        # The unlabelled batch takes no part: the loss is the labelled batch's alone.
+        other = {"image": torch.randn_like(unlabeled["image"])}
+        torch.manual_seed(4)
+        first = method.training_step(labeled, unlabeled, step=0)["loss"]
+        torch.manual_seed(4)
+        assert torch.equal(first, method.training_step(labeled, other, step=0)["loss"])
+        # After the warm-up (and the one-time set-up it may ask for) the unlabelled losses join.
+        end = method.warmup_steps
+        method.before_step(end, lambda: InitContext([labeled], torch.device("cpu"), seed=0))
+        after = method.training_step(labeled, unlabeled, step=end)
+        assert set(after) - {"loss", "loss_sup", "loss_aux"}
 
     def test_restored_state_gives_the_same_next_step(self):
         first, _ = self.build(seed=0)

@@ -88,7 +88,13 @@ class TestCPSPCR(MethodContract):
 
 
 # How many unlabelled views of the batch feed each plug-in's branch.
-PLUG_IN_VIEWS = {TestFixMatchPCR: 1, TestUniMatchPCR: 2, TestU2PLPCR: 1, TestCPSPCR: 1}
+PLUG_IN_VIEWS = {
+    TestPCR: 1,
+    TestFixMatchPCR: 1,
+    TestUniMatchPCR: 2,
+    TestU2PLPCR: 1,
+    TestCPSPCR: 1,
+}
 
 
 @pytest.mark.parametrize("contract", list(PLUG_IN_VIEWS))
@@ -99,24 +105,33 @@ def test_pcr_plugs_into_every_base_method(contract, monkeypatch):
     seen = {}
     losses = method.prototype_losses
 
-    def spy(out_l, out_u, y_l, labels_u, keep_u, valid_u, *rest):
-        seen["unlabelled_images"] = out_u["features"].shape[0]
-        return losses(out_l, out_u, y_l, labels_u, keep_u, valid_u, *rest)
+    def spy(inputs):
+        seen["unlabelled_images"] = inputs.features_u.shape[0]
+        return losses(inputs)
 
     monkeypatch.setattr(method, "prototype_losses", spy)
     before = method.branch.bank.prototypes.clone()
     out = method.training_step(labeled, unlabeled, step=0)
     assert out["loss_proto_unsup"].item() > 0 and out["loss_proto_sup"].item() > 0
-    # FixMatch's branch sees its strong view, UniMatch's both strong views, U2PL's and
-    # CPS's their mixed view.
+    # PCR's (CutMix-Seg's) branch sees its mixed view, FixMatch's its strong view,
+    # UniMatch's both strong views, U2PL's and CPS's their mixed view.
     assert seen["unlabelled_images"] == PLUG_IN_VIEWS[contract] * unlabeled["image"].shape[0]
     method.after_optimizer_step(0)
     assert not torch.equal(method.branch.bank.prototypes, before)
     assert "prototype" in method.deploy()["heads"]
 
 
+@pytest.mark.parametrize("name", ["fixmatch+pcr", "unimatch+pcr", "u2pl+pcr", "cps+pcr"])
+def test_prototype_only_ablation_is_refused_where_the_step_lacks_it(name):
+    contract = next(c for c in PLUG_IN_VIEWS if c.name == name)
+    with pytest.raises(ValueError, match=r"method.linear_head=false.*pcr"):
+        contract().build("method.linear_head=false")
+
+
 def test_every_registered_method_has_a_contract_test():
-    tested = {cls.name for cls in MethodContract.__subclasses__()}
+    # This file's contracts (test_adding_a_method.py adds its example's, registered only
+    # while its tests run).
+    tested = {c.name for c in MethodContract.__subclasses__() if c.__module__ == __name__}
     assert tested == set(METHODS)
 
 

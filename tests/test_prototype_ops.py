@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
+import types
 from pathlib import Path
 
 import pytest
@@ -65,13 +67,23 @@ def test_the_training_path_gives_the_loops_gradient(bench):
 
 
 def test_baseline_is_read_from_an_earlier_commit(bench):
+    """The baseline is the bank's module as git holds it (a copy, not the imported module),
+    and the table's diff column flags a baseline whose logits differ from the loop's."""
     git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True)
     if git.returncode:
         pytest.skip("not a git checkout")
     module = bench.load_baseline("HEAD")
+    assert module.PrototypeBank is not bench.PrototypeBank
+    assert module.__file__ != inspect.getfile(bench.PrototypeBank)
+
+    class OffByOne(module.PrototypeBank):  # type: ignore[name-defined, misc]
+        def logits_from_similarity(self, sims):
+            return super().logits_from_similarity(sims) + 1.0
+
+    wrong = types.SimpleNamespace(PrototypeBank=OffByOne)
     feats, labels, prototypes = _inputs()
-    rows = bench.measure("tiny", feats, labels, prototypes, 1, torch.device("cpu"), module)
+    rows = bench.measure("tiny", feats, labels, prototypes, 1, torch.device("cpu"), wrong)
     assert all(len(r.split("|")) == len(rows[0].split("|")) for r in rows)
-    assert max(_diff_column(rows).values()) < 1e-5
+    assert max(_diff_column(rows).values()) >= 0.5, rows
     with pytest.raises(SystemExit, match="no protoseg"):
         bench.load_baseline("this-is-not-a-revision")

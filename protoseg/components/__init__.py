@@ -13,9 +13,9 @@ from protoseg.components.losses import (
 from protoseg.components.photometric import PhotometricAugment
 from protoseg.components.prototype_branch import (
     PROTOTYPE_HEAD,
-    InitContext,
     PrototypeBranch,
     PrototypeConfig,
+    PrototypeInputs,
     PrototypePlugIn,
     build_prototype_head,
 )
@@ -37,6 +37,7 @@ from protoseg.components.reliability import (
 )
 from protoseg.components.teacher import EMATeacher, TeacherSettings
 from protoseg.components.weak_strong import WeakToStrongSettings, cutmix_boxes, strong_view
+from protoseg.lifecycle import InitContext
 
 __all__ = [
     "PROTOTYPE_HEAD",
@@ -49,6 +50,7 @@ __all__ = [
     "PrototypeBank",
     "PrototypeBranch",
     "PrototypeConfig",
+    "PrototypeInputs",
     "PrototypePlugIn",
     "PrototypeSegmenter",
     "SegmentationLoss",

@@ -26,6 +26,10 @@ from protoseg.components.prototypes import (
     prototype_logits_full_res,
     sample_grid_coords,
 )
+from protoseg.components.pseudo_label import hard_labels
+from protoseg.config import WarmupSettings
+from protoseg.lifecycle import InitContext
+from protoseg.models.registry import register_head
 
 log = logging.getLogger(__name__)
 
@@ -74,43 +78,65 @@ class PrototypeConfig:
 
 
 @dataclass
-class PrototypePlugIn:
+class PrototypePlugIn(WarmupSettings):
     """Mixed into a method's config (first among its bases) to plug PCR's branch in.
 
     Adds the ``prototypes:`` block and a supervised warm-up (the bank's k-means needs a
     trained student), e.g. ``class FixMatchPCRConfig(PrototypePlugIn, FixMatchConfig)``.
+    ``protoseg.methods.common.MethodBase`` builds the branch for any config of this type.
     """
 
     warmup_epochs: float = 1.0
     prototypes: PrototypeConfig = field(default_factory=PrototypeConfig)
+    # Table 4 (2) when false: no linear-head losses; the prototype head makes the
+    # pseudo-labels and the predictions (for a method whose step supports it: pcr).
+    linear_head: bool = True
 
     def check(self) -> None:
-        """Validate the base method's settings, then the prototype block."""
+        """Validate the base method's settings, then the prototype block and the switches."""
         super().check()  # type: ignore[misc]
         self.prototypes.check()
+        if not self.linear_head and not self.prototypes.train_predictor:
+            raise ValueError(
+                "method.linear_head and method.prototypes.train_predictor cannot both be false"
+            )
 
 
 @dataclass
-class InitContext:
-    """What a method may use once its warm-up ends (e.g. to build a prototype bank).
+class PrototypeInputs:
+    """What the prototype branch needs from a method's step.
 
-    ``labeled_loader`` yields the whole labelled set at original size with eval transforms;
-    only rank 0 gets it, the other ranks receive None and wait for a broadcast.
+    ``features_l``/``features_u``: (B, D, h, w) decoder features of the labelled images and
+    of the unlabelled view that feeds the branch; ``labels_l``: the labels (B, H, W);
+    ``pseudo_labels_u``, ``keep_u``, ``valid_u``: that view's pseudo-labels, its confident
+    pixels and its real (not padded) pixels; ``unsup_weight``: the unlabelled term's weight.
     """
 
-    labeled_loader: Iterable[dict[str, Any]] | None
-    device: torch.device
-    seed: int = 0
+    features_l: Tensor
+    features_u: Tensor
+    labels_l: Tensor
+    pseudo_labels_u: Tensor
+    keep_u: Tensor
+    valid_u: Tensor
+    unsup_weight: float = 1.0
 
 
 class PrototypeBranch(nn.Module):
     """The prototype predictor of a student network's decoder features, and its bank."""
 
     def __init__(
-        self, cfg: PrototypeConfig, num_classes: int, feature_dim: int, ignore_index: int = 255
+        self,
+        cfg: PrototypeConfig,
+        num_classes: int,
+        feature_dim: int,
+        ignore_index: int = 255,
+        linear_head: bool = True,
     ) -> None:
         super().__init__()
         self.cfg, self.num_classes, self.ignore_index = cfg, num_classes, ignore_index
+        # Table 4 (2) when False: the prototype head makes the pseudo-labels, the method
+        # skips its linear losses and the prototype head is the primary one.
+        self.linear_head = linear_head
         self.bank = PrototypeBank(
             num_classes, cfg.per_class, feature_dim, cfg.momentum, cfg.temperature, ignore_index
         )
@@ -119,6 +145,29 @@ class PrototypeBranch(nn.Module):
     def initialized(self) -> bool:
         """Whether the bank holds its k-means (or loaded) prototypes."""
         return bool(self.bank.initialized)
+
+    def step_losses(self, inputs: PrototypeInputs) -> tuple[Tensor, dict[str, Any]]:
+        """The branch's losses and bank update from a step's record: the pseudo-labels
+        count only where ``keep_u`` marks them confident."""
+        labels = inputs.pseudo_labels_u
+        pseudo = torch.where(inputs.keep_u, labels, torch.full_like(labels, self.ignore_index))
+        return self.losses(
+            inputs.features_l,
+            inputs.features_u,
+            inputs.labels_l,
+            pseudo,
+            inputs.valid_u,
+            inputs.unsup_weight,
+        )
+
+    def pseudo_labels(
+        self, teacher_out: dict[str, Tensor], size: tuple[int, int]
+    ) -> tuple[Tensor, Tensor]:
+        """Labels and confidences of a teacher's outputs: its linear head's, or (without
+        the linear head) the prototype head's on its features."""
+        if self.linear_head:
+            return hard_labels(teacher_out["logits"])
+        return self.pseudo_label(teacher_out["features"], size)
 
     def losses(
         self,
@@ -247,6 +296,7 @@ class PrototypeBranch(nn.Module):
         }
 
 
+@register_head(PROTOTYPE_HEAD)
 def build_prototype_head(network: nn.Module, spec: dict[str, Any]) -> nn.Module:
     """Rebuild a deployed prototype head from ``deploy_spec()`` output around ``network``."""
     opts = spec["options"]

@@ -8,12 +8,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from protoseg.config import WarmupSettings
+
 TEACHER_BN_MODES = ("forward", "student_batch", "copy")
 EMA_STARTS = ("ramp", "after_epoch")
 
 
 @dataclass
-class TeacherSettings:
+class TeacherSettings(WarmupSettings):
     """Settings of methods with an EMA teacher (mixed into their config dataclasses)."""
 
     # Supervised warm-up before any unlabelled loss, in epochs (the release: 1).

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from protoseg.components.augment import MixOutput, half_area_boxes, paste_from_partner
+from protoseg.config import WarmupSettings
 
 # Give up on a box after this many placements that do not fit (then the image keeps no
 # box); on a square crop UniMatch's box fits within a few dozen tries.
@@ -101,7 +102,7 @@ def strong_view(
 
 
 @dataclass
-class WeakToStrongSettings:
+class WeakToStrongSettings(WarmupSettings):
     """Settings of weak-to-strong self-training; the defaults are UniMatch's VOC recipe."""
 
     # Supervised-only steps first, in epochs (UniMatch trains on unlabelled images at once).

@@ -38,11 +38,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from protoseg.components import PROTOTYPE_HEAD, PrototypeConfig
 from protoseg.config import (
     Config,
     DataConfig,
     EvalConfig,
+    MethodConfig,
     ModelConfig,
     OptimConfig,
     TrainConfig,
@@ -51,7 +51,8 @@ from protoseg.config import (
 )
 from protoseg.convert.mindspore_ckpt import read_checkpoint
 from protoseg.files import MODEL_FORMAT, CheckpointError, save_file
-from protoseg.methods.pcr import PCRConfig
+from protoseg.methods import method_config_class
+from protoseg.models import build_head
 
 __all__ = [
     "RELEASES",
@@ -67,6 +68,9 @@ __all__ = [
 ]
 
 RELEASE_REPO = "HeimingX/semi_seg_proto"
+# The release's method, as protoseg registers it, and the kind of its prototype head.
+RELEASE_METHOD = "pcr"
+PROTOTYPE_HEAD = "prototype"
 # The release normalises 0-255 pixels with these (its config.yaml); protoseg reads 0-1 pixels.
 RELEASE_MEAN_255 = (123.675, 116.28, 103.53)
 RELEASE_STD_255 = (58.395, 57.12, 57.375)
@@ -190,11 +194,13 @@ def release_config(dataset: str) -> Config:
         dropout=0.1,
         aux_head=spec.aux_head,
     )
-    method = PCRConfig(
+    method = release_method_config(
         confidence_threshold=0.8 if voc else 0.65,
-        prototypes=PrototypeConfig(
-            per_class=spec.prototypes_per_class, momentum=0.99, temperature=0.1
-        ),
+        prototypes={
+            "per_class": spec.prototypes_per_class,
+            "momentum": 0.99,
+            "temperature": 0.1,
+        },
     )
     optim = (
         OptimConfig(lr=1e-3, weight_decay=1e-4, decoder_lr_mult=10.0)
@@ -397,6 +403,23 @@ def _prototypes(bank: Tensor | None, spec: ReleaseSpec, source: str) -> Tensor:
     return bank.float().reshape(c, m, d).clone()
 
 
+def release_method_config(**settings: Any) -> MethodConfig:
+    """The ``method:`` section of the release's recipe, through the method registry.
+
+    The converter builds a model file from plain data and the registry's dataclass of
+    ``RELEASE_METHOD``; it imports no method module.
+    """
+    method = method_config_class(RELEASE_METHOD)()
+    for key, value in settings.items():
+        current = getattr(method, key)
+        if isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                setattr(current, sub_key, sub_value)
+        else:
+            setattr(method, key, value)
+    return method
+
+
 def convert_release(path: str | Path, dataset: str) -> ReleaseModel:
     """Read a release ``best.ckpt`` (MindSpore) and convert it for ``dataset`` (voc|cityscapes)."""
     _spec(dataset)
@@ -417,20 +440,23 @@ def model_file_payload(release_model: ReleaseModel) -> dict[str, Any]:
     requires; the prototype head is stored as the PCR method's deployed head is.
     """
     from protoseg import __version__
-    from protoseg.components.prototypes import PrototypeBank
 
     cfg = release_model.config
     protos = cfg.method.prototypes
     c, m, d = release_model.prototypes.shape
     state = {"prototypes": release_model.prototypes.clone(), "initialized": torch.tensor(True)}
-    # Loading into the bank module checks the layout its head loader will expect.
-    bank = PrototypeBank(c, m, d, protos.momentum, protos.temperature, cfg.data.ignore_index)
-    bank.load_state_dict(state, strict=True)
     head = {
         "kind": PROTOTYPE_HEAD,
-        "options": {"num_classes": c, "per_class": m, "dim": d, "temperature": bank.temperature},
+        "options": {
+            "num_classes": c,
+            "per_class": m,
+            "dim": d,
+            "temperature": float(protos.temperature),
+        },
         "state": state,
     }
+    # Building the head as inference will (by its kind) checks the bank's layout.
+    build_head(torch.nn.Identity(), head)
     return {
         "format": MODEL_FORMAT,
         "version": __version__,

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from protoseg import __version__
-from protoseg.config import recipe_changes, to_dict
+from protoseg.config import Config, recipe_changes, to_dict
+from protoseg.engine.state import TrainingState
 from protoseg.files import (
     TRAINING_FORMAT,
     CheckpointError,
@@ -23,10 +27,9 @@ from protoseg.files import (
     load_state_strict,
     temp_files,
 )
+from protoseg.inference import EvalResult
 from protoseg.inference.model_file import deployment_index
-
-if TYPE_CHECKING:
-    from protoseg.engine.trainer import Trainer
+from protoseg.methods.protocol import SegmentationMethod, as_module
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)\.pt$")
 
@@ -113,46 +116,65 @@ def resume_path(choice: str, out_dir: str | Path) -> Path | None:
     return Path(choice)
 
 
-def training_state(trainer: Trainer) -> dict[str, Any]:
+@dataclass
+class TrainedParts:
+    """The modules and optimiser states a checkpoint holds beside the ``TrainingState``."""
+
+    method: SegmentationMethod
+    optimizer: Optimizer
+    scheduler: LRScheduler
+    scaler: torch.amp.GradScaler
+
+
+def training_state(
+    cfg: Config, state: TrainingState, parts: TrainedParts, world_size: int
+) -> dict[str, Any]:
     """Everything a resume needs to continue exactly, as plain data."""
-    deployment = trainer.method.deploy()
+    deployment = parts.method.deploy()
+    module = as_module(parts.method)
     return {
         "format": TRAINING_FORMAT,
         "version": __version__,
-        "config": to_dict(trainer.cfg),
-        "step": trainer.step,
-        "method": trainer.method.state_dict(),
-        "deployment": deployment_index(trainer.method, deployment["network"], deployment["heads"]),
-        "optimizer": trainer.optimizer.state_dict(),
-        "scheduler": trainer.scheduler.state_dict(),
-        "scaler": trainer.scaler.state_dict(),
+        "config": to_dict(cfg),
+        "step": state.step,
+        "method": module.state_dict(),
+        "deployment": deployment_index(module, deployment["network"], deployment["heads"]),
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "scaler": parts.scaler.state_dict(),
         "rng": rng_state(),
-        "best": trainer.best.to_dict() if trainer.best else None,
-        "best_step": trainer.best_step,
-        "history": trainer.history,
-        "world_size": trainer.dist.world_size,
+        "best": state.best.to_dict() if state.best else None,
+        "best_step": state.best_step,
+        "history": state.history,
+        "world_size": world_size,
     }
 
 
-def restore_training_state(trainer: Trainer, path: str | Path) -> None:
-    """Load a checkpoint of the same recipe into the trainer (CheckpointError otherwise)."""
-    from protoseg.inference import EvalResult
-
-    data = load_file(path, map_location=trainer.device, formats=(TRAINING_FORMAT,))
-    changes = recipe_changes(data.get("config") or {}, to_dict(trainer.cfg))
+def restore_training_state(
+    path: str | Path,
+    cfg: Config,
+    state: TrainingState,
+    parts: TrainedParts,
+    device: torch.device,
+    world_size: int,
+) -> None:
+    """Load a checkpoint of the same recipe into ``state`` and ``parts`` (CheckpointError
+    otherwise). Checkpoints of earlier versions load: a missing entry keeps its default."""
+    data = load_file(path, map_location=device, formats=(TRAINING_FORMAT,))
+    changes = recipe_changes(data.get("config") or {}, to_dict(cfg))
     if changes:
         raise CheckpointError(
             f"{path} was written by a different recipe ({'; '.join(changes)}); train "
             "into a new train.out_dir, or point --resume at a checkpoint of this recipe"
         )
-    load_state_strict(trainer.method, data["method"], path, "method")
-    trainer.optimizer.load_state_dict(data["optimizer"])
-    trainer.scheduler.load_state_dict(data["scheduler"])
-    trainer.scaler.load_state_dict(data["scaler"])
-    trainer.step = int(data["step"])
-    trainer.history = list(data.get("history") or [])
-    trainer.best_step = int(data.get("best_step", -1))
+    load_state_strict(as_module(parts.method), data["method"], path, "method")
+    parts.optimizer.load_state_dict(data["optimizer"])
+    parts.scheduler.load_state_dict(data["scheduler"])
+    parts.scaler.load_state_dict(data["scaler"])
+    state.step = int(data["step"])
+    state.history = list(data.get("history") or [])
+    state.best_step = int(data.get("best_step", -1))
     if data.get("best"):
-        trainer.best = EvalResult(**data["best"])
-    if data.get("world_size", 1) == trainer.dist.world_size:
+        state.best = EvalResult(**data["best"])
+    if data.get("world_size", 1) == world_size:
         set_rng_state(data["rng"])

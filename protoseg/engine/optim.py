@@ -7,15 +7,13 @@ from torch.optim import SGD, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from protoseg.config import OptimConfig
+from protoseg.models import param_groups
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> SGD:
-    """SGD with two groups: the backbone at lr, the decoder and heads at lr x decoder_lr_mult."""
-    param_groups = getattr(model, "param_groups", None)
-    if callable(param_groups):
-        backbone, decoder = param_groups()
-    else:
-        backbone, decoder = [], list(model.parameters())
+    """SGD with two groups: the backbone at lr, the decoder and heads at lr x decoder_lr_mult
+    (as ``model.param_groups()`` declares them; all in the decoder group without one)."""
+    backbone, decoder = param_groups(model)
     groups = [
         {"params": [p for p in backbone if p.requires_grad], "lr": cfg.lr, "name": "backbone"},
         {

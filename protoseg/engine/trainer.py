@@ -2,8 +2,8 @@
 
 The Trainer builds data, network, method and optimiser from a Config, runs optimiser
 steps (with gradient accumulation when the per-device batch is capped) and hands
-everything around the steps to callbacks. It speaks to the method only through
-``protoseg.methods.SegmentationMethod``.
+everything around the steps to callbacks, as typed events (``protoseg.engine.state``).
+It speaks to the method only through ``protoseg.methods.SegmentationMethod``.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from protoseg.components import InitContext
 from protoseg.config import Config, save_config
 from protoseg.distributed import DistInfo, init_distributed
 from protoseg.engine import callbacks as cb
 from protoseg.engine.checkpoint import (
+    TrainedParts,
     checkpoint_dir,
     latest_checkpoint,
     remove_stale_temp_files,
@@ -36,9 +36,11 @@ from protoseg.engine.data import TrainingData
 from protoseg.engine.optim import build_optimizer, build_scheduler
 from protoseg.engine.run_lock import RunLock
 from protoseg.engine.runtime import configure_determinism, resolve_precision, run_log
+from protoseg.engine.state import FinalEvaluation, RunContext, StepEnd, TrainEnd, TrainingState
 from protoseg.inference import EvalResult, evaluate
 from protoseg.inference.model_file import model_payload
-from protoseg.methods import create_method
+from protoseg.lifecycle import InitContext
+from protoseg.methods import as_module, create_method
 from protoseg.models import create_model
 from protoseg.progress import show_progress
 
@@ -88,37 +90,57 @@ class Trainer:
         if dist_info.enabled and device.type == "cuda" and cfg.model.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.method = create_method(model, cfg)
-        self.method.to(device)
+        # The method as the nn.Module it is: its state dict, device and mode.
+        self.module = as_module(self.method)
+        self.module.to(device)
         self.method.setup(self.data.steps_per_epoch)
         self.data.require_unlabeled(self.method.uses_unlabeled, cfg.method.name)
         # The student may wrap the network with other trained parts (a representation head,
         # a second network): DDP and the optimiser must see all of them.
-        student = self.method.student
-        forward: nn.Module = student
-        if dist_info.enabled:
-            forward = DistributedDataParallel(
-                student,
-                device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=self.method.find_unused_parameters,
-            )
-        if cfg.train.compile:
-            forward = torch.compile(forward)  # type: ignore[assignment]
-        self.method.set_student_forward(forward)
-        self.student_forward = forward
+        self.student_forward = self.method.wrap_student(self._wrap_student)
         torch.manual_seed(cfg.train.seed + dist_info.rank)
-        self.optimizer = build_optimizer(student, cfg.optim)
+        self.optimizer = build_optimizer(self.method.student, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.optim.poly_power)
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-        self.step = 0
-        self.best: EvalResult | None = None
-        self.best_step = -1
-        self.history: list[dict[str, float]] = []
+        self.parts = TrainedParts(self.method, self.optimizer, self.scheduler, self.scaler)
+        self.state = TrainingState()
         self.writer: Any = None
-        self.callbacks = callbacks or [
-            cb.ProgressLogger(),
-            cb.PeriodicEvaluation(),
-            cb.Checkpointing(),
-        ]
+        # The final outputs are written whatever other callbacks a caller chose.
+        self.callbacks = [*(callbacks or cb.default_callbacks()), cb.FinalOutputs()]
+
+    def _wrap_student(self, student: nn.Module, find_unused_parameters: bool) -> nn.Module:
+        """DDP around the student when distributed, then torch.compile when asked."""
+        forward: nn.Module = student
+        if self.dist.enabled:
+            forward = DistributedDataParallel(
+                student,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=find_unused_parameters,
+            )
+        if self.cfg.train.compile:
+            forward = torch.compile(forward)  # type: ignore[assignment]
+        return forward
+
+    # ---- the training state, as attributes ---------------------------------------------------
+    @property
+    def step(self) -> int:
+        """Optimiser steps done so far."""
+        return self.state.step
+
+    @property
+    def best(self) -> EvalResult | None:
+        """The best primary-head evaluation so far."""
+        return self.state.best
+
+    @property
+    def best_step(self) -> int:
+        """The step of ``best`` (-1 before any evaluation)."""
+        return self.state.best_step
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        """Logged running means and periodic evaluations."""
+        return self.state.history
 
     # ---- files ---------------------------------------------------------------------------------
     def model_file(self) -> dict[str, Any]:
@@ -128,17 +150,40 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs to continue exactly (plain data only)."""
-        return training_state(self)
+        return training_state(self.cfg, self.state, self.parts, self.dist.world_size)
 
     def save_checkpoint(self) -> None:
         """Write ``step_<n>.pt`` (rank 0 only) and drop the oldest beyond keep_last."""
         if self.dist.is_main:
-            cb.save_checkpoint(self)
+            cb.save_checkpoint(self.state_dict(), self.out_dir, self.step, self.cfg.train.keep_last)
 
     def resume(self, path: str | Path) -> None:
         """Restore model, teacher, banks, optimiser, schedule, scaler, step and RNG states."""
-        restore_training_state(self, path)
+        restore_training_state(
+            path, self.cfg, self.state, self.parts, self.device, self.dist.world_size
+        )
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _train_mode(self) -> None:
+        """Back to training mode (after an evaluation)."""
+        self.module.train()
+
+    def run_context(self) -> RunContext:
+        """What the callbacks may read and do during this run."""
+        return RunContext(
+            cfg=self.cfg,
+            out_dir=self.out_dir,
+            is_main=self.dist.is_main,
+            device=self.device,
+            total_steps=self.total_steps,
+            state=self.state,
+            writer=self.writer,
+            evaluate=self.evaluate,
+            model_file=self.model_file,
+            save_checkpoint=self.save_checkpoint,
+            lr=lambda: float(self.optimizer.param_groups[0]["lr"]),
+            set_train_mode=self._train_mode,
+        )
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self, desc: str = "eval") -> dict[str, EvalResult]:
@@ -215,39 +260,42 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+        run = self.run_context()
         for callback in self.callbacks:
-            callback.on_train_start(self)
-        self.method.train()
+            callback.on_train_start(run)
+        self.module.train()
         started = time.perf_counter()
         stop_at = min(self.total_steps, max_steps or self.total_steps)
         try:
             while self.step < stop_at:
-                if self.method.needs_init(self.step):
-                    self.method.initialize(self._init_context())
-                    self.method.train()
+                self.method.before_step(self.step, self._init_context)
                 logs = self._train_step(labeled_iter, unlabeled_iter)
-                self.step += 1
+                self.state.step += 1
+                event = StepEnd(self.step, logs)
                 for callback in self.callbacks:
-                    callback.on_step_end(self, logs)
+                    callback.on_step_end(event)
         except KeyboardInterrupt:
             self._interrupted()
             raise
         finally:
+            end = TrainEnd(self.step, finished=self.step >= self.total_steps)
             for callback in self.callbacks:
-                callback.on_train_end(self)
+                callback.on_train_end(end)
         seconds = time.perf_counter() - started
         if self.step < self.total_steps:
             self.save_checkpoint()
             self.close_writer()
             return TrainResult(self.out_dir, self.step, seconds=seconds, history=self.history)
         final = self.evaluate("final")
-        cb.track_best(self, final)
+        cb.track_best(run, final)
         result = TrainResult(
             self.out_dir, self.step, final, self.best, self.best_step, seconds, self.history
         )
         self.save_checkpoint()
-        if is_main:
-            cb.write_final_outputs(self, final)
+        final_event = FinalEvaluation(self.step, final)
+        for callback in self.callbacks:
+            callback.on_final_evaluation(final_event)
+        self.close_writer()
         return result
 
     def _init_context(self) -> InitContext:

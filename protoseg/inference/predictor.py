@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from protoseg.components.prototype_branch import PROTOTYPE_HEAD, build_prototype_head
+# The parts register the builders of the heads they deploy (e.g. the prototype head).
+import protoseg.components  # noqa: F401
 from protoseg.config import Config, EvalConfig
 from protoseg.data import to_rgb
 from protoseg.files import CheckpointError, load_state_strict
 from protoseg.inference.core import infer_logits
 from protoseg.inference.model_file import read_model_file
-from protoseg.models import create_model
+from protoseg.models import HEADS, create_model
 
 # Head kind (as a model file's ``heads`` entry names it) -> builder around the network.
-HEAD_BUILDERS: dict[str, Callable[[nn.Module, dict[str, Any]], nn.Module]] = {
-    PROTOTYPE_HEAD: build_prototype_head,
-}
+HEAD_BUILDERS = HEADS
 
 
 @dataclass

@@ -16,13 +16,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from protoseg.components import PrototypePlugIn, box_masks, masked_cross_entropy, valid_pixels
+from protoseg.components import (
+    PrototypeInputs,
+    PrototypePlugIn,
+    box_masks,
+    masked_cross_entropy,
+    valid_pixels,
+)
 from protoseg.components.augment import paste_from_partner
-from protoseg.config import Config, MethodConfig
-from protoseg.methods import register_method
+from protoseg.config import Config, MethodConfig, WarmupSettings
 from protoseg.methods.common import MethodBase, split_outputs
 from protoseg.methods.protocol import Batch, StepOutput
-from protoseg.models import create_model
+from protoseg.methods.registry import register_method
+from protoseg.models import ParamGroups, create_model, param_groups
 
 # The second network is built as the first, from the run's seed plus this.
 SECOND_SEED_OFFSET = 1
@@ -31,7 +37,7 @@ RIGHT = "right_"
 
 
 @dataclass
-class CPSConfig(MethodConfig):
+class CPSConfig(WarmupSettings, MethodConfig):
     """The CPS weight and the release's CutMix box masks."""
 
     name: str = "cps"
@@ -79,13 +85,12 @@ class NetworkPair(nn.Module):
         right = {k[len(RIGHT) :]: v for k, v in out.items() if k.startswith(RIGHT)}
         return left, right
 
-    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    def param_groups(self) -> ParamGroups:
         """(both backbones' parameters, both decoders' and heads' parameters)."""
         backbone: list[nn.Parameter] = []
         decoder: list[nn.Parameter] = []
         for network in (self.left, self.right):
-            groups = getattr(network, "param_groups", None)
-            b, d = groups() if callable(groups) else ([], list(network.parameters()))
+            b, d = param_groups(network)
             backbone += b
             decoder += d
         return backbone, decoder
@@ -162,7 +167,9 @@ class CPS(MethodBase):
         # 5. With a prototypes block (cps+pcr): PCR's branch on the deployed (first)
         #    network's mixed view, learning the labels that network learns: the second's.
         loss_proto, proto_logs = self.prototype_losses(
-            left_l, left_u, y_l, from_right, valid_m, valid_m
+            PrototypeInputs(
+                left_l["features"], left_u["features"], y_l, from_right, valid_m, valid_m
+            )
         )
         return {
             "loss": loss_sup + c.cps_weight * loss_cps + loss_proto,

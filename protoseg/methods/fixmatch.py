@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from protoseg.components import (
     EMATeacher,
     PhotometricAugment,
+    PrototypeInputs,
     PrototypePlugIn,
     TeacherSettings,
     WeakToStrongSettings,
@@ -33,9 +34,9 @@ from protoseg.components import (
     valid_pixels,
 )
 from protoseg.config import Config, MethodConfig
-from protoseg.methods import register_method
 from protoseg.methods.common import MethodBase, split_outputs
 from protoseg.methods.protocol import Batch, StepOutput
+from protoseg.methods.registry import register_method
 
 TEACHERS = ("self", "ema")
 
@@ -71,8 +72,8 @@ class FixMatch(MethodBase):
         super().__init__(model, cfg)
         self.config: FixMatchConfig = cfg.method
         c = self.config
-        # MethodBase moves an EMA teacher after each step and deploys it; without one the
-        # student is deployed.
+        # MethodBase moves the declared EMA teacher after each step and deploys it; without
+        # one the student is deployed.
         self.teacher: EMATeacher | None = None
         if c.teacher == "ema":
             self.teacher = EMATeacher.from_settings(model, c)
@@ -101,7 +102,9 @@ class FixMatch(MethodBase):
         loss_sup, logs = self.supervised_loss(out_l, y_l)
         loss_unsup = masked_cross_entropy(out_s["logits"], y_s, keep, valid_s)
         # 4. With a prototypes block (fixmatch+pcr): PCR's branch on the strong view.
-        loss_proto, proto_logs = self.prototype_losses(out_l, out_s, y_l, y_s, keep, valid_s)
+        loss_proto, proto_logs = self.prototype_losses(
+            PrototypeInputs(out_l["features"], out_s["features"], y_l, y_s, keep, valid_s)
+        )
         return {
             "loss": (loss_sup + loss_unsup) / 2 + loss_proto,
             **logs,

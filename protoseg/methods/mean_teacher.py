@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from protoseg.components import EMATeacher, TeacherSettings, valid_pixels
 from protoseg.config import Config, MethodConfig
-from protoseg.methods import register_method
 from protoseg.methods.common import MethodBase, split_outputs
 from protoseg.methods.protocol import Batch, StepOutput
+from protoseg.methods.registry import register_method
 
 
 @dataclass
@@ -39,7 +39,7 @@ class MeanTeacher(MethodBase):
     def __init__(self, model: torch.nn.Module, cfg: Config) -> None:
         super().__init__(model, cfg)
         self.config: MeanTeacherConfig = cfg.method
-        self.teacher = EMATeacher.from_settings(model, self.config)
+        self.teacher: EMATeacher = EMATeacher.from_settings(model, self.config)
 
     def training_step(self, labeled: Batch, unlabeled: Batch | None, step: int) -> StepOutput:
         """Supervised loss plus the weighted consistency loss after warm-up."""

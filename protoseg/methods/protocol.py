@@ -1,23 +1,25 @@
 """The method protocol: all that the engine, checkpoints, predict and export may use of a method.
 
 A method is an ``nn.Module`` (its state dict is its checkpoint state: student, teacher,
-banks) that also provides the members below. Nothing outside ``protoseg.methods`` names a
-method or reaches past this protocol.
+banks; ``as_module`` gives the module view) that also provides the eleven members below.
+Nothing outside ``protoseg.methods`` names a method or reaches past this protocol.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol, TypedDict, runtime_checkable
 
-from torch import Tensor, nn
+from torch import nn
 
-from protoseg.components.prototype_branch import InitContext
-from protoseg.config import MethodConfig
+from protoseg.lifecycle import ContextFactory
 
 Batch = dict[str, Any]
 # {"loss": scalar tensor to back-propagate, <term>: tensor or float, ...}; every entry
 # but "loss" is logged.
 StepOutput = dict[str, Any]
+# (student, find_unused_parameters) -> the module the student runs through (DDP, compiled).
+StudentWrapper = Callable[[nn.Module, bool], nn.Module]
 
 
 class Deployment(TypedDict):
@@ -34,10 +36,8 @@ class Deployment(TypedDict):
 
 @runtime_checkable
 class SegmentationMethod(Protocol):
-    """The narrow interface of a training method (see the README's "add a method")."""
+    """The narrow interface of a training method (see docs/adding-a-method.md)."""
 
-    #: The method's hyper-parameters (its registered MethodConfig subclass).
-    config: MethodConfig
     #: What the optimiser trains and DDP wraps: the network, or a module holding it and other
     #: trained parts (a head, a second network); its ``param_groups()`` gives the lr groups.
     student: nn.Module
@@ -46,8 +46,6 @@ class SegmentationMethod(Protocol):
     uses_unlabeled: bool
     #: Prediction heads, the primary one first (it decides the best model).
     heads: tuple[str, ...]
-    #: Whether some student parameters get no gradient (DDP must be told).
-    find_unused_parameters: bool
     #: Steps of supervised-only warm-up (0 for none); known after ``setup``.
     warmup_steps: int
 
@@ -55,8 +53,14 @@ class SegmentationMethod(Protocol):
         """Derive step counts (e.g. the warm-up length) from the schedule."""
         ...
 
-    def set_student_forward(self, module: nn.Module) -> None:
-        """Run the student through ``module`` (a DDP or compiled wrapper of ``student``)."""
+    def wrap_student(self, wrap: StudentWrapper) -> nn.Module:
+        """Run the student through ``wrap(student, find_unused_parameters)`` from now on
+        (a DDP or compiled wrapper); returns the wrapper."""
+        ...
+
+    def before_step(self, step: int, context: ContextFactory) -> None:
+        """Called before each training step; a method that needs a one-time set-up (e.g. a
+        prototype bank's k-means when the warm-up ends) calls ``context()`` and does it."""
         ...
 
     def training_step(self, labeled: Batch, unlabeled: Batch | None, step: int) -> StepOutput:
@@ -67,14 +71,6 @@ class SegmentationMethod(Protocol):
         """Called once after each optimiser update (EMA teachers and banks move here)."""
         ...
 
-    def needs_init(self, step: int) -> bool:
-        """Whether ``initialize`` must run before training step ``step``."""
-        ...
-
-    def initialize(self, context: InitContext) -> None:
-        """One-time set-up when the warm-up ends (e.g. a prototype bank's k-means)."""
-        ...
-
     def inference_model(self, head: str) -> nn.Module:
         """The network that predicts with ``head``: returns ``{"logits": (B, C, H, W)}``."""
         ...
@@ -83,23 +79,9 @@ class SegmentationMethod(Protocol):
         """What a model file of this method holds."""
         ...
 
-    # nn.Module members the engine uses (a method is an nn.Module).
-    def state_dict(self) -> dict[str, Tensor]:
-        """Every tensor a resume needs (student, teacher, banks)."""
-        ...
 
-    def load_state_dict(self, state_dict: Any, strict: bool = True) -> Any:
-        """Restore what ``state_dict`` returned."""
-        ...
-
-    def train(self, mode: bool = True) -> Any:
-        """Training mode for the student (a teacher keeps its own mode)."""
-        ...
-
-    def to(self, device: Any) -> Any:
-        """Move every network and buffer to ``device``."""
-        ...
-
-    def named_modules(self) -> Any:
-        """Sub-modules by name (where the deployed network sits in the state dict)."""
-        ...
+def as_module(method: SegmentationMethod) -> nn.Module:
+    """The method as the ``nn.Module`` it is (state dict, ``to``, ``train``, sub-modules)."""
+    if not isinstance(method, nn.Module):
+        raise TypeError(f"{type(method).__name__} is no nn.Module: a method must subclass one")
+    return method

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from protoseg.config import MethodConfig
-from protoseg.methods import register_method
 from protoseg.methods.common import MethodBase
 from protoseg.methods.protocol import Batch, StepOutput
+from protoseg.methods.registry import register_method
 
 
 @dataclass

@@ -20,6 +20,7 @@ from protoseg.components import (
     ClassQueues,
     ContrastConfig,
     EMATeacher,
+    PrototypeInputs,
     PrototypePlugIn,
     TeacherSettings,
     above_percentile,
@@ -33,9 +34,10 @@ from protoseg.components import (
     valid_pixels,
 )
 from protoseg.config import Config, MethodConfig
-from protoseg.methods import register_method
 from protoseg.methods.common import MethodBase, split_outputs, warmup_steps
 from protoseg.methods.protocol import Batch, StepOutput
+from protoseg.methods.registry import register_method
+from protoseg.models import ParamGroups, param_groups
 
 
 @dataclass
@@ -99,11 +101,10 @@ class WithRepresentation(nn.Module):
         out["rep"] = self.representation(out["features"])
         return out
 
-    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    def param_groups(self) -> ParamGroups:
         """(backbone parameters, decoder and both heads' parameters)."""
-        groups = getattr(self.network, "param_groups", None)
-        backbone, decoder = groups() if callable(groups) else ([], list(self.network.parameters()))
-        return list(backbone), [*decoder, *self.representation.parameters()]
+        backbone, decoder = param_groups(self.network)
+        return backbone, [*decoder, *self.representation.parameters()]
 
 
 @register_method("u2pl", U2PLConfig)
@@ -127,7 +128,7 @@ class U2PL(MethodBase):
         self.student = WithRepresentation(model, head)
         self._forward = [self.student]
         # The teacher holds a representation head too: the positives and keys are its.
-        self.teacher = EMATeacher(self.student, c.ema_decay, c.teacher_bn)
+        self.teacher: EMATeacher = EMATeacher(self.student, c.ema_decay, c.teacher_bn)
         self.queues = ClassQueues(c.contrast.capacities(self.num_classes), c.contrast.dim)
         self.train_cfg = cfg.train
         self.steps_per_epoch, self.total_steps, self.copy_steps = 1, 1, 0
@@ -194,7 +195,9 @@ class U2PL(MethodBase):
         # 7. With a prototypes block (u2pl+pcr): PCR's branch on the mixed view, learning
         #    the pixels U2PL's cross-entropy trusts (its reliable ones).
         loss_proto, proto_logs = self.prototype_losses(
-            out_l, out_u, y_l, y_m, reliable, valid_m, c.unsup_weight
+            PrototypeInputs(
+                out_l["features"], out_u["features"], y_l, y_m, reliable, valid_m, c.unsup_weight
+            )
         )
         return {
             "loss": loss_sup

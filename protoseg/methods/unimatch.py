@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from protoseg.components import (
     PhotometricAugment,
+    PrototypeInputs,
     PrototypePlugIn,
     WeakToStrongSettings,
     confident,
@@ -37,9 +38,9 @@ from protoseg.components import (
     valid_pixels,
 )
 from protoseg.config import Config, MethodConfig
-from protoseg.methods import register_method
 from protoseg.methods.common import MethodBase, split_outputs
 from protoseg.methods.protocol import Batch, StepOutput
+from protoseg.methods.registry import register_method
 
 
 @dataclass
@@ -107,8 +108,10 @@ class UniMatch(MethodBase):
         # 5. With a prototypes block (unimatch+pcr): PCR's branch on both strong views.
         y_s, conf_s, valid_s = (torch.cat([v[i] for v in views]) for i in (1, 2, 3))
         keep_s = confident(conf_s, c.confidence_threshold, valid_s)
-        out_s = {k: torch.cat([out_s1[k], out_s2[k]]) for k in ("features",)}
-        loss_proto, proto_logs = self.prototype_losses(out_l, out_s, y_l, y_s, keep_s, valid_s)
+        features_s = torch.cat([out_s1["features"], out_s2["features"]])
+        loss_proto, proto_logs = self.prototype_losses(
+            PrototypeInputs(out_l["features"], features_s, y_l, y_s, keep_s, valid_s)
+        )
         return {
             "loss": loss + loss_proto,
             **logs,

@@ -15,17 +15,32 @@ from protoseg.config import ModelConfig
 from protoseg.models.backbone import Backbone
 from protoseg.models.deeplabv3plus import ASPP, DeepLabV3Plus
 from protoseg.models.errors import ModelError
-from protoseg.models.registry import MODELS, register_model
+from protoseg.models.registry import (
+    HEADS,
+    MODELS,
+    HasParamGroups,
+    ParamGroups,
+    build_head,
+    param_groups,
+    register_head,
+    register_model,
+)
 
 __all__ = [
     "ASPP",
     "CONFIG_ONLY_FIELDS",
+    "HEADS",
     "MODELS",
     "Backbone",
     "DeepLabV3Plus",
+    "HasParamGroups",
     "ModelError",
+    "ParamGroups",
+    "build_head",
     "count_parameters",
     "create_model",
+    "param_groups",
+    "register_head",
     "register_model",
 ]
 
