@@ -52,7 +52,9 @@ def test_sigterm_to_a_real_training_process_saves_a_checkpoint(
     argv = [sys.executable, "-m", "protoseg.cli", "train", "synthetic/supervised.yaml"]
     argv += tiny_overrides(synthetic_root, run, "train.iterations=100000", "train.log_every=1")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path
+    )
     assert proc.stderr is not None
     lines = []
     for line in proc.stderr:  # wait for the second logged step: the loop is running
@@ -60,7 +62,7 @@ def test_sigterm_to_a_real_training_process_saves_a_checkpoint(
         if " step 2/100000 " in line:
             break
     proc.send_signal(signal.SIGTERM)
-    rest, _ = proc.communicate(timeout=120)
+    _, rest = proc.communicate(timeout=120)
     output = "".join(lines) + rest
     assert proc.returncode == 130, output
     assert "run the same command again to resume" in output

@@ -125,12 +125,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from protoseg.engine.runtime import sigterm_as_interrupt
     from protoseg.outputs import check_finished_run
 
-    if _rank() == 0:
-        check_finished_run(
-            cfg.train.out_dir,
-            has_checkpoint=resume_path(cfg.train.resume, cfg.train.out_dir) is not None,
-            overwrite=args.overwrite,
-        )
+    # Every rank decides alike (one shared run folder), so none waits for a refused one.
+    check_finished_run(
+        cfg.train.out_dir,
+        has_checkpoint=resume_path(cfg.train.resume, cfg.train.out_dir) is not None,
+        overwrite=args.overwrite,
+    )
     try:
         # A scheduler's SIGTERM saves a checkpoint as Ctrl-C does.
         with sigterm_as_interrupt():
