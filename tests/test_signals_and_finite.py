@@ -255,3 +255,30 @@ def test_ctrl_c_during_a_periodic_evaluation_keeps_that_evaluation(
         trainer.fit()
     assert (run / "best.pt").is_file()  # the evaluation at step 2 finished and counted
     assert trainer.best_step == 2
+
+
+def test_pretrained_weights_with_a_nan_are_refused_naming_the_tensor(tmp_path: Path) -> None:
+    from protoseg.models import ModelError
+    from protoseg.models.weights import read_state_dict
+
+    state = {"conv1.weight": torch.ones(4, 3, 3, 3), "fc.bias": torch.zeros(5)}
+    state["fc.bias"][2] = float("inf")
+    path = tmp_path / "backbone.pth"
+    torch.save(state, path)
+    with pytest.raises(ModelError, match=r"NaN or infinite values \(fc\.bias\)"):
+        read_state_dict(path)
+    state["fc.bias"][2] = 0.0
+    torch.save(state, path)
+    assert set(read_state_dict(path)) == {"conv1.weight", "fc.bias"}
+
+
+def test_a_prototype_bank_with_a_nan_is_refused(tmp_path: Path) -> None:
+    from test_methods import TestPCR
+
+    method, _ = TestPCR().build()
+    bank = method.branch.bank.prototypes.detach().clone()
+    bank[0, 0, 0] = float("nan")
+    path = tmp_path / "bank.pt"
+    torch.save({"prototypes": bank}, path)
+    with pytest.raises(ValueError, match="bank holds NaN"):
+        method.branch.load_bank(path)
