@@ -98,7 +98,7 @@ CORE_RANGES: dict[str, Range] = {
 METHOD_RANGES: dict[str, Range] = {
     "warmup_epochs": NON_NEGATIVE,
     "teacher_copy_epochs": NON_NEGATIVE,
-    "ema_decay": UNIT,
+    "ema_decay": UNIT_OPEN_TOP,
     "confidence_threshold": UNIT,
     "unsup_weight": NON_NEGATIVE,
     "cps_weight": NON_NEGATIVE,
@@ -106,15 +106,15 @@ METHOD_RANGES: dict[str, Range] = {
     "fp_weight": NON_NEGATIVE,
     "fp_dropout": UNIT_OPEN_TOP,
     "mix_prob": UNIT,
-    "mix_area_range": Range(0, 1, low_open=True),
+    "mix_area_range": UNIT,
     "mix_boxes": AT_LEAST_ONE,
     "noise_std": NON_NEGATIVE,
     "drop_percent": Range(0, 100),
     "prototypes.per_class": AT_LEAST_ONE,
-    "prototypes.momentum": UNIT,
+    "prototypes.momentum": UNIT_OPEN_TOP,
     "prototypes.temperature": POSITIVE,
     "prototypes.loss_weight": NON_NEGATIVE,
-    "prototypes.sample_grid": AT_LEAST_ONE,
+    "prototypes.sample_grid": NON_NEGATIVE,  # 0 = every pixel
     "prototypes.init_pixels_per_class": AT_LEAST_ONE,
     "contrast.weight": NON_NEGATIVE,
     "contrast.dim": AT_LEAST_ONE,
@@ -127,7 +127,7 @@ METHOD_RANGES: dict[str, Range] = {
     "contrast.high_rank": AT_LEAST_ONE,
     "contrast.current_class_threshold": UNIT,
     "contrast.negative_threshold": UNIT,
-    "contrast.low_entropy_threshold": Range(0, 100),  # a percentile
+    "contrast.low_entropy_threshold": Range(0, 50),  # a percentile of the low half
 }
 
 
