@@ -7,10 +7,11 @@ file that would need arbitrary pickled objects is refused before anything in it 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -43,13 +44,39 @@ def temp_files(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.glob(f".*{TEMP_SUFFIX}") if p.is_file())
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
-    """Call ``write`` on a temporary file in the same folder, fsync, then rename over ``path``.
+def _remove_quietly(path: Path) -> None:
+    """Delete a temporary file; on a read-only or vanished file system, leave it be.
 
-    A crash mid-write leaves the previous file intact, never a truncated one. The new file
-    gets the permissions of any file the user creates (0666 less the umask). A failed write
-    (a full disk, say) removes its temporary file and raises CheckpointError naming ``path``.
+    The cleanup runs while another error is on its way to the user: raising here would
+    replace that error's message with a second, less useful traceback.
     """
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
+def _write_failed(path: Path, exc: BaseException) -> CheckpointError:
+    lines = str(exc).splitlines()
+    reason = getattr(exc, "strerror", None) or (lines[0] if lines else "")
+    return CheckpointError(
+        f"could not write {path} ({type(exc).__name__}: {reason}); check that the "
+        "folder is writable and the disk has room. The previous file, if any, is intact"
+    )
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that wants a file name; on success it
+    is fsynced and renamed over ``path``, on any failure removed (``path`` untouched).
+
+    Ctrl-C or SIGTERM while the block runs is held until the file is complete (see
+    ``protoseg.signals.deferred_interrupts``), so an interrupt never costs the file being
+    written; a second interrupt stops at once, the previous file intact. OSError and
+    RuntimeError (how torch reports a full disk) become a CheckpointError naming ``path``.
+    ``durable=False`` skips the fsync: the file is never seen truncated, but a power cut
+    may lose it (for bulk outputs such as generated datasets, where fsync costs the most).
+    """
+    from protoseg.signals import deferred_interrupts
+
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,23 +86,43 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
             "output folder"
         ) from None
     tmp = path.parent / f".{path.name}.{os.getpid()}{TEMP_SUFFIX}"
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError | RuntimeError) and not isinstance(exc, CheckpointError):
-            # torch reports a full disk as a RuntimeError ("enforce fail") naming no file.
-            raise CheckpointError(
-                f"could not write {path} ({type(exc).__name__}: {exc}); check that the "
-                "folder is writable and the disk has room. The previous file, if any, is intact"
-            ) from None
-        raise
+    with deferred_interrupts(f"writing {path}"):
+        try:
+            yield tmp
+            if durable:
+                with open(tmp, "rb+") as handle:
+                    os.fsync(handle.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+        except BaseException as exc:
+            _remove_quietly(tmp)
+            if isinstance(exc, OSError | RuntimeError) and not isinstance(exc, CheckpointError):
+                raise _write_failed(path, exc) from None
+            raise
+
+
+def atomic_write(
+    path: str | Path, write: Callable[[BinaryIO], object], durable: bool = True
+) -> Path:
+    """Call ``write`` on a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash mid-write leaves the previous file intact, never a truncated one. The new file
+    gets the permissions of any file the user creates (0666 less the umask). A failed write
+    (a full disk, say) removes its temporary file and raises CheckpointError naming ``path``;
+    an interrupt during the write waits for it to finish (see ``atomic_path``, also for
+    ``durable``).
+    """
+    path = Path(path)
+    with atomic_path(path, durable) as tmp, open(tmp, "wb") as handle:
+        write(handle)
+        handle.flush()
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write UTF-8 text to ``path`` atomically (see ``atomic_write``)."""
+    data = text.encode("utf-8")
+    return atomic_write(path, lambda handle: handle.write(data))
 
 
 def save_file(obj: dict[str, Any], path: str | Path) -> Path:
@@ -147,3 +194,38 @@ def load_state_strict(
             f"{path}: the {what} weights do not fit this configuration (different backbone, "
             f"number of classes or method?): {' '.join(first)}"
         ) from None
+
+
+def non_finite_tensors(state: Mapping[str, Any] | list[Any], prefix: str = "") -> list[str]:
+    """Dotted names of the floating-point tensors holding NaN or infinity, in nested dicts
+    and lists of a state dict, model file or checkpoint (other values are skipped)."""
+    items = state.items() if isinstance(state, Mapping) else enumerate(state)
+    bad: list[str] = []
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if torch.is_tensor(value):
+            if (value.is_floating_point() or value.is_complex()) and not bool(
+                torch.isfinite(value).all()
+            ):
+                bad.append(name)
+        elif isinstance(value, Mapping | list):
+            bad += non_finite_tensors(value, f"{name}.")
+    return bad
+
+
+def state_is_finite(state: Mapping[str, Any]) -> bool:
+    """Whether every floating-point tensor of a (nested) state dict is finite: the test a
+    checkpoint must pass before it is named as the last good one."""
+    return not non_finite_tensors(state)
+
+
+def refuse_non_finite(state: Mapping[str, Any], path: str | Path, what: str = "weights") -> None:
+    """Raise CheckpointError naming the first tensors of ``state`` that hold NaN/infinity."""
+    bad = non_finite_tensors(state)
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(
+            f"{path}: refused, its {what} hold NaN or infinite values ({', '.join(bad[:3])}"
+            f"{more}); the run that wrote it diverged: use an earlier checkpoint, or retrain "
+            "with a lower optim.lr"
+        )

@@ -220,10 +220,19 @@ def test_demo_regenerates_a_stale_dataset_and_keeps_foreign_folders(tmp_path):
     assert marker.is_file()  # the current version is reused as it is
     (root / STAMP_FILE).write_text(json.dumps({**stamp, "version": -1}))
     first_image.write_bytes(b"stale")
-    ensure_dataset(root)
+    own_photo = root / "JPEGImages" / "my_photo.jpg"
+    own_split = root / "splits" / "mine.txt"
+    own_photo.write_bytes(b"the user's photo")
+    own_split.write_text("my_photo\n")
+    with pytest.raises(DataError, match=r"another generator version.*--overwrite"):
+        ensure_dataset(root)  # a stale set is regenerated only when asked
+    assert first_image.read_bytes() == b"stale"
+    ensure_dataset(root, overwrite=True)
     assert json.loads((root / STAMP_FILE).read_text()) == stamp
     assert first_image.read_bytes() != b"stale"  # regenerated
-    assert marker.read_text() == "x"  # what the generator did not write stays
+    assert marker.read_text() == "x"  # what the generator did not write stays,
+    assert own_photo.read_bytes() == b"the user's photo"  # inside its folders too
+    assert own_split.read_text() == "my_photo\n"
     for foreign_files in (["notes.txt"], ["notes.txt", "classes.txt"]):
         foreign = tmp_path / f"mine{len(foreign_files)}"
         foreign.mkdir()

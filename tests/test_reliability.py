@@ -137,7 +137,7 @@ def test_export_never_replaces_the_model(model_file: Path, tmp_path: Path, capsy
     target = tmp_path / "net.ts"
     target.write_text("mine")
     assert main([*export, "--out", str(target)]) == 2
-    assert "--force" in capsys.readouterr().err and target.read_text() == "mine"
+    assert "--overwrite" in capsys.readouterr().err and target.read_text() == "mine"
     assert main([*export, "--out", str(tmp_path / "no" / "such" / "net.ts")]) == 2
     assert "does not exist" in capsys.readouterr().err
 

@@ -11,6 +11,7 @@ give there, without materialising the full-size map.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from protoseg.config import Config
 from protoseg.data import SegmentationDataset, build_dataset, eval_transform
+from protoseg.files import atomic_write_text
 from protoseg.inference import Predictor, load
 from protoseg.progress import show_progress
 
@@ -278,14 +280,21 @@ def format_markdown(rows: Sequence[DiscriminationRow]) -> str:
     return "\n".join(lines)
 
 
+def table_paths(out_dir: str | Path) -> tuple[Path, Path]:
+    """The two files ``write_table`` writes into ``out_dir`` (markdown, CSV)."""
+    out = Path(out_dir)
+    return out / "discrimination.md", out / "discrimination.csv"
+
+
 def write_table(rows: Sequence[DiscriminationRow], out_dir: str | Path) -> tuple[Path, Path]:
     """Write discrimination.md (a column per checkpoint) and discrimination.csv (a row each)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    md = out / "discrimination.md"
-    md.write_text(format_markdown(rows) + "\n")
+    md = table_paths(out)[0]
+    atomic_write_text(md, format_markdown(rows) + "\n")
     path = out / "discrimination.csv"
-    with path.open("w", newline="") as handle:
+    # Built in memory, written atomically: a full disk leaves no half table.
+    with io.StringIO(newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["name", "checkpoint", "ratio", "inter", "intra", "pixels"])
         for r in rows:
@@ -299,4 +308,5 @@ def write_table(rows: Sequence[DiscriminationRow], out_dir: str | Path) -> tuple
                     r.pixels,
                 ]
             )
+        atomic_write_text(path, handle.getvalue())
     return md, path

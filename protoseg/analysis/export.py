@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import io
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from protoseg.files import atomic_write
 from protoseg.inference import Predictor
+from protoseg.outputs import OutputError, check_outputs, protect, same_file
 
 EXPORT_FORMAT = "protoseg-export/1"
 FORMATS = ("onnx", "torchscript")
@@ -78,8 +82,8 @@ def write_sidecar(
         **(extra or {}),
     }
     target = sidecar_path(path)
-    target.write_text(json.dumps(info, indent=2) + "\n")
-    return target
+    text = (json.dumps(info, indent=2) + "\n").encode("utf-8")
+    return atomic_write(target, lambda handle: handle.write(text))
 
 
 def _sample(size: tuple[int, int], batch: int = 1, seed: int = 0) -> Tensor:
@@ -106,16 +110,21 @@ def _check_close(name: str, got: Tensor, want: Tensor, path: Path) -> None:
 def export_torchscript(predictor: Predictor, path: str | Path) -> Path:
     """Trace the network to TorchScript and check it at a second input size and batch."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     module = _deployable(predictor)
+    check_free_space(path, module)
     with torch.no_grad(), warnings.catch_warnings():
         # jit.trace is deprecated upstream but remains the loadable-without-Python format.
         warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(module, _sample(TRACE_SIZE), check_trace=False)
-        traced.save(str(path))
-        reloaded = torch.jit.load(str(path), map_location="cpu")
+        # Serialised and checked in memory, then written by Python: torch's own file writer
+        # aborts the process on a full disk, leaving a truncated file.
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+        data = buffer.getvalue()
+        reloaded = torch.jit.load(io.BytesIO(data), map_location="cpu")
         check = _sample(CHECK_SIZE, batch=2, seed=1)
         _check_close("TorchScript", reloaded(check), module(check), path)
+    atomic_write(path, lambda handle: handle.write(data))
     write_sidecar(predictor, path, "torchscript")
     return path
 
@@ -130,29 +139,34 @@ def export_onnx(
             "(or --format torchscript, which needs nothing more)"
         )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     module = _deployable(predictor)
+    check_free_space(path, module)
     axes = {0: "batch", 2: "height", 3: "width"}
+    # Exported and checked in memory, then written through a temporary file: only a
+    # complete, verified file ever lands at ``path``, also on a full disk.
+    buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
             module,
             (_sample(TRACE_SIZE),),
-            str(path),
+            buffer,  # type: ignore[arg-type]  # the classic exporter takes file objects
             input_names=["images"],
             output_names=["logits"],
             opset_version=opset,
             dynamo=False,
             dynamic_axes={"images": axes, "logits": axes},
         )
+    data = buffer.getvalue()
     if verify:
-        _verify_onnx(module, path)
+        _verify_onnx(module, data, path)
+    atomic_write(path, lambda handle: handle.write(data))
     write_sidecar(predictor, path, "onnx", {"opset": opset})
     return path
 
 
-def _verify_onnx(module: nn.Module, path: Path) -> None:
+def _verify_onnx(module: nn.Module, data: bytes, path: Path) -> None:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -162,25 +176,42 @@ def _verify_onnx(module: nn.Module, path: Path) -> None:
             stacklevel=3,
         )
         return
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     check = _sample(CHECK_SIZE, batch=2, seed=1)
     (got,) = session.run(["logits"], {"images": check.numpy()})
     with torch.no_grad():
         _check_close("ONNX", torch.from_numpy(got), module(check), path)
 
 
-def check_export_target(checkpoint: str | Path, out: str | Path, force: bool = False) -> None:
-    """Refuse an export that would replace its own model file, or (unless ``force``) a file
-    that exists, and an output folder that cannot be written."""
-    out, checkpoint = Path(out), Path(checkpoint)
-    if out.exists() and checkpoint.exists() and out.resolve() == checkpoint.resolve():
+def check_free_space(path: Path, module: nn.Module) -> None:
+    """Refuse an export up front when the folder lacks room for the weights (plus a margin):
+    some exporters abort the process on a full disk instead of raising."""
+    need = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    need = int(need * 1.2) + (1 << 20)
+    folder = path.parent if str(path.parent) else Path(".")
+    free = shutil.disk_usage(folder).free
+    if free < need:
         raise ValueError(
+            f"--out {path}: {folder} has {free / 2**20:.1f} MiB free, the export needs about "
+            f"{need / 2**20:.1f} MiB; free some space or choose another folder"
+        )
+
+
+def check_export_target(checkpoint: str | Path, out: str | Path, force: bool = False) -> None:
+    """Refuse an export that would replace its own model file, or (unless ``force``, the
+    CLI's --overwrite) a file that exists, and an output folder that cannot be written."""
+    out, checkpoint = Path(out), Path(checkpoint)
+    if same_file(out, checkpoint) or same_file(sidecar_path(out), checkpoint):
+        raise OutputError(
             f"--out {out} is the model file being exported; choose another file name "
             "(the trained model is never replaced)"
         )
-    existing = [p for p in (out, sidecar_path(out)) if p.exists()]
-    if existing and not force:
-        raise ValueError(f"{existing[0]} already exists; pass --force to replace it")
+    check_outputs([out, sidecar_path(out)], protect([checkpoint], "model file"), force)
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise ValueError(f"--out {out}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {out}: the folder {folder} is not writable")
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
         raise ValueError(f"--out {out}: the folder {folder} does not exist; create it first")

@@ -19,7 +19,9 @@ from tqdm import tqdm
 from protoseg.analysis.legend import legend_entries, legend_strip
 from protoseg.config import EvalConfig
 from protoseg.data import colorize, image_size, read_rgb, save_mask_png, to_rgb
+from protoseg.files import atomic_write
 from protoseg.inference import Predictor
+from protoseg.outputs import file_identity
 from protoseg.progress import show_progress
 
 log = logging.getLogger(__name__)
@@ -89,8 +91,10 @@ def check_outputs(
     planned = [out / f"{name}.png" for name in names]
     if overlays:
         planned += [out / "overlay" / f"{name}.jpg" for name in names]
-    sources = {path.resolve() for path, _ in images}
-    clash = [p for p in planned if p.resolve() in sources]
+    # Compared as files (device and inode), so a hard link or symlink to an input is caught
+    # too; an output that does not exist yet cannot be an input.
+    sources = {file_identity(path) for path, _ in images}
+    clash = [p for p in planned if p.exists() and file_identity(p) in sources]
     if clash:
         raise ValueError(
             f"--out {out} would overwrite the input image {clash[0]}; choose another --out "
@@ -228,11 +232,10 @@ def _write(
 ) -> None:
     # Appending keeps dots inside file names ("img.v2") that with_suffix would cut.
     mask_path = out / f"{name}.png"
-    save_mask_png(mask, mask_path, predictor.palette)
+    atomic_write(mask_path, lambda handle: save_mask_png(mask, handle, predictor.palette))
     summary.masks.append(mask_path)
     if overlays:
         overlay_path = out / "overlay" / f"{name}.jpg"
-        overlay_path.parent.mkdir(parents=True, exist_ok=True)
         legended = overlay(image, mask, predictor.palette, class_names=predictor.class_names)
-        legended.save(overlay_path, quality=90)
+        atomic_write(overlay_path, lambda handle: legended.save(handle, "JPEG", quality=90))
         summary.overlays.append(overlay_path)

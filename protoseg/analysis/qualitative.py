@@ -13,6 +13,7 @@ from protoseg.analysis.discrimination import checkpoint_names
 from protoseg.analysis.legend import legend_entries
 from protoseg.config import Config, EvalConfig
 from protoseg.data import build_dataset, colorize, eval_transform
+from protoseg.files import atomic_write
 from protoseg.inference import Predictor, load
 
 if TYPE_CHECKING:
@@ -114,8 +115,8 @@ def prediction_grid(
         predictors, images, masks, palette, ignore_index, eval_cfg, class_names, title
     )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    # Through a temporary file: a full disk leaves no truncated PNG and names the file.
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
     pyplot().close(fig)
     return path
 

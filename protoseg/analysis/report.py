@@ -12,6 +12,7 @@ import yaml
 
 from protoseg.analysis.qualitative import load_val_examples, prediction_grid, pyplot
 from protoseg.config import Config
+from protoseg.files import atomic_write, atomic_write_text
 from protoseg.inference import load
 
 if TYPE_CHECKING:
@@ -170,7 +171,7 @@ def curves_figure(runs: Sequence[RunCurves]) -> Figure:
 def training_curves(rows: Sequence[Any], path: Path) -> Path:
     """Save ``curves_figure`` of every run with a ``history.json``."""
     fig = curves_figure(read_curves(rows))
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
     pyplot().close(fig)
     return path
 
@@ -228,7 +229,7 @@ def miou_figure(rows: Sequence[Any]) -> Figure:
 def miou_bar_chart(rows: Sequence[Any], path: Path) -> Path:
     """Save ``miou_figure``."""
     fig = miou_figure(rows)
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
     pyplot().close(fig)
     return path
 
@@ -282,5 +283,5 @@ def write_demo_report(
         )
     lines += ["", *[f"![{c.stem}]({c.name})" for c in charts], ""]
     report = out / "report.md"
-    report.write_text("\n".join(lines))
+    atomic_write_text(report, "\n".join(lines))
     return report

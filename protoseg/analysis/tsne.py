@@ -15,6 +15,7 @@ from protoseg.analysis.discrimination import (
     val_dataset,
 )
 from protoseg.config import Config
+from protoseg.files import atomic_write
 from protoseg.inference import load
 
 # scikit-learn's default; smaller samples get a smaller one (it must stay below N).
@@ -88,8 +89,8 @@ def plot_embeddings(
     )
     fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    # Through a temporary file: a full disk leaves no truncated PNG and names the file.
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=120))
     plt.close(fig)
     return path
 

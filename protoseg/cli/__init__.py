@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from protoseg.cli.common import add_command
+from protoseg.cli.common import add_command, add_overwrite_flag, guard_outputs
 
 log = logging.getLogger("protoseg")
 
@@ -42,7 +42,7 @@ def cmd_data_synthetic(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         label_counts=counts,
         seed=args.seed,
-        overwrite=args.force,
+        overwrite=args.overwrite,
     )
     print(f"synthetic dataset written to {root} (splits: {', '.join(map(str, counts))}, full)")
     return 0
@@ -52,8 +52,11 @@ def cmd_data_split(args: argparse.Namespace) -> int:
     """Random labelled/unlabelled split of a list of names."""
     from protoseg.data import read_split, split_list
 
+    out = Path(args.out)
+    # Written only once the list is read; the list itself is never one of the outputs.
+    guard_outputs([out / "labeled.txt", out / "unlabeled.txt"], overwrite=True, inputs=[args.list])
     labeled, unlabeled = split_list(
-        args.list, args.out, args.num_labeled, args.seed, force=args.force
+        args.list, args.out, args.num_labeled, args.seed, force=args.overwrite
     )
     print(
         f"{len(read_split(labeled))} labelled and {len(read_split(unlabeled))} unlabelled "
@@ -65,13 +68,20 @@ def cmd_data_split(args: argparse.Namespace) -> int:
 def cmd_data_voc(args: argparse.Namespace) -> int:
     """Build VOC 2012 + SBD's SegmentationClassAug and install the U2PL split lists."""
     from protoseg.data import prepare_voc
+    from protoseg.outputs import OutputError, same_file
 
+    for flag, source in (("--voc", args.voc), ("--sbd", args.sbd)):
+        if same_file(args.out, source):
+            raise OutputError(
+                f"--out {args.out} is the {flag} folder; its files would be replaced: "
+                "write the prepared set to a folder of its own"
+            )
     s = prepare_voc(
         args.voc,
         args.sbd,
         args.out,
         splits_dir=args.splits,
-        force=args.force,
+        force=args.overwrite,
         copy_images=args.copy_images,
         workers=args.workers,
     )
@@ -88,7 +98,7 @@ def cmd_data_cityscapes(args: argparse.Namespace) -> int:
     from protoseg.data import prepare_cityscapes
 
     s = prepare_cityscapes(
-        args.root, force=args.force, workers=args.workers, splits_dir=args.splits
+        args.root, force=args.overwrite, workers=args.workers, splits_dir=args.splits
     )
     print(
         f"labelTrainIds written: {s.written}, kept: {s.kept}; "
@@ -111,9 +121,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_yaml(cfg), end="")
         return 0
+    from protoseg.engine.checkpoint import resume_path
+    from protoseg.engine.runtime import sigterm_as_interrupt
+    from protoseg.outputs import check_finished_run
+
+    # Every rank decides alike (one shared run folder), so none waits for a refused one.
+    check_finished_run(
+        cfg.train.out_dir,
+        has_checkpoint=resume_path(cfg.train.resume, cfg.train.out_dir) is not None,
+        overwrite=args.overwrite,
+    )
     try:
-        trainer = Trainer(cfg)
-        result = trainer.fit()
+        # A scheduler's SIGTERM saves a checkpoint as Ctrl-C does.
+        with sigterm_as_interrupt():
+            trainer = Trainer(cfg)
+            result = trainer.fit()
     finally:
         cleanup()
     if _rank() == 0:
@@ -151,6 +173,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cfg = from_dict(stored, with_method=False, overrides=overrides)
     else:
         cfg = load_config(config, overrides)
+    if args.out:
+        guard_outputs(
+            [args.out],
+            args.overwrite,
+            models=[args.checkpoint],
+            inputs=[config],
+            dataset=cfg.data.root,
+        )
     dist_info, device = init_distributed(cfg.train.device)
     try:
         predictor = load(args.checkpoint, device=device, head=args.head)
@@ -186,7 +216,8 @@ def cmd_convert_release(args: argparse.Namespace) -> int:
     """Convert one of the PCR authors' MindSpore checkpoints into a protoseg model file."""
     from protoseg.convert.release import main_convert
 
-    return main_convert(args.checkpoint, args.dataset, args.out, args.force)
+    guard_outputs([args.out], args.overwrite, inputs=[args.checkpoint])
+    return main_convert(args.checkpoint, args.dataset, args.out, args.overwrite)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -203,6 +234,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         pretrained=args.pretrained,
         jobs=args.jobs,
         threads=args.threads,
+        overwrite=args.overwrite,
     )
     return 0
 
@@ -249,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-train", type=int, default=None, help="train images (default 256)")
     p.add_argument("--num-val", type=int, default=96)
     p.add_argument("--image-size", type=int, default=96)
-    p.add_argument("--force", action="store_true", help="replace existing split files")
+    add_overwrite_flag(p, "replace existing split files")
     p.add_argument(
         "--labels",
         default=None,
@@ -265,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-labeled", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for labeled.txt and unlabeled.txt")
-    p.add_argument("--force", action="store_true", help="replace existing split files")
+    add_overwrite_flag(p, "replace existing split files")
     p = add_command(
         data_sub,
         "voc",
@@ -280,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--copy-images", action="store_true", help="copy images, do not symlink")
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--force", action="store_true", help="rebuild masks, replace split files")
+    add_overwrite_flag(p, "rebuild masks, replace split files")
     p = add_command(
         data_sub,
         "cityscapes",
@@ -292,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--splits", default=None, help="U2PL's data/splits folder; cityscapes/ goes to ROOT/splits"
     )
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--force", action="store_true", help="rewrite existing labelTrainIds files")
+    add_overwrite_flag(p, "rewrite existing labelTrainIds files")
 
     p = add_command(
         sub,
@@ -314,6 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--print-config", action="store_true", help="print the resolved config (YAML) and exit"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="retrain into a run folder that holds a finished run but no checkpoint",
     )
 
     p = add_command(
@@ -338,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="prediction head: linear, or one the model file holds (e.g. prototype)",
     )
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    add_overwrite_flag(p, "replace an existing --out file")
 
     convert = sub.add_parser(
         "convert", help="convert other models' files", description="Convert model files."
@@ -353,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="the release's best.ckpt")
     p.add_argument("--dataset", required=True, choices=["voc", "cityscapes"])
     p.add_argument("--out", required=True, help="the protoseg model file to write, e.g. m.pt")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    add_overwrite_flag(p, "replace an existing --out")
 
     p = add_command(
         sub,
@@ -391,6 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="threads per run (default: 1 when several train at once on a CPU); results "
         "depend on it",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="regenerate OUT/data when it holds a synthetic set of another generator version",
     )
 
     p = add_command(
@@ -441,12 +484,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        # Bad input is reported in one line that names the file and the fix.
+    except (ValueError, OSError, RuntimeError) as exc:
+        # Bad input and file-system faults (a full or read-only disk) are reported in one
+        # line that names the file and the fix.
         if os.environ.get("PROTOSEG_DEBUG"):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc, args)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: BaseException, args: argparse.Namespace) -> str:
+    """An error as one line; an OSError as its file (else the command's output) and reason,
+    with what to check."""
+    if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.strerror:
+        target = exc.filename or getattr(args, "out", None) or getattr(args, "root", None)
+        where = f"{target}: " if target else ""
+        return (
+            f"{where}{exc.strerror} (errno {exc.errno}); check that the folder is writable "
+            "and the disk has room (rerun with PROTOSEG_DEBUG=1 for the traceback)"
+        )
+    return str(exc)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from protoseg.cli.common import add_command
+from protoseg.cli.common import add_command, add_overwrite_flag, guard_outputs
 from protoseg.config import EvalConfig
 
 
@@ -57,7 +57,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from protoseg.analysis.export import check_export_target, export_model, sidecar_path
     from protoseg.inference import load
 
-    check_export_target(args.checkpoint, args.out, args.force)
+    check_export_target(args.checkpoint, args.out, args.overwrite)
     predictor = load(args.checkpoint, device="cpu", head="linear")
     path = export_model(predictor, args.format, args.out, args.opset)
     print(f"{args.format} model written to {path} (metadata: {sidecar_path(path)})")
@@ -83,6 +83,15 @@ def cmd_discrimination(args: argparse.Namespace) -> int:
     from protoseg.config import load_config
 
     cfg = load_config(args.config, list(args.overrides))
+    from protoseg.analysis.discrimination import table_paths
+
+    guard_outputs(
+        table_paths(args.out),
+        args.overwrite,
+        models=args.checkpoint,
+        inputs=[args.config],
+        dataset=cfg.data.root,
+    )
     rows = discrimination_table(
         args.checkpoint,
         cfg,
@@ -106,6 +115,13 @@ def cmd_tsne(args: argparse.Namespace) -> int:
     from protoseg.config import load_config
 
     cfg = load_config(args.config, list(args.overrides))
+    guard_outputs(
+        [args.out],
+        args.overwrite,
+        models=args.checkpoint,
+        inputs=[args.config],
+        dataset=cfg.data.root,
+    )
     path = tsne_figure(
         args.checkpoint,
         cfg,
@@ -128,6 +144,13 @@ def cmd_qualitative(args: argparse.Namespace) -> int:
     from protoseg.config import load_config
 
     cfg = load_config(args.config, list(args.overrides))
+    guard_outputs(
+        [args.out],
+        args.overwrite,
+        models=args.checkpoint,
+        inputs=[args.config],
+        dataset=cfg.data.root,
+    )
     path = qualitative_figure(
         args.checkpoint,
         cfg,
@@ -235,7 +258,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
     p.add_argument("--out", required=True, help="output file, e.g. model.onnx")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    add_overwrite_flag(p, "replace an existing output file")
 
     analyze = sub.add_parser(
         "analyze",
@@ -258,6 +281,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="L2-normalise features first (the prototypes' cosine space)",
     )
     p.add_argument("--out", required=True, help="folder for discrimination.md / .csv")
+    add_overwrite_flag(p, "replace existing discrimination.md / .csv")
 
     p = add_command(
         a_sub,
@@ -271,6 +295,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--perplexity", type=float, default=None, help="t-SNE perplexity (default min(30, (N-1)/3))"
     )
     p.add_argument("--out", required=True, help="output PNG file")
+    add_overwrite_flag(p, "replace an existing --out file")
 
     p = add_command(
         a_sub,
@@ -293,6 +318,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="output PNG file")
+    add_overwrite_flag(p, "replace an existing --out file")
 
     p = add_command(
         sub,

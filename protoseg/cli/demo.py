@@ -13,7 +13,7 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,7 @@ from protoseg.data import DEFAULT_LABEL_COUNTS, SYNTHETIC_CLASSES, generate_synt
 from protoseg.data.splits import DataError
 from protoseg.data.synthetic import STAMP_FILE, synthetic_stamp
 from protoseg.distributed import resolve_device
+from protoseg.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -214,8 +215,35 @@ def _written_by_generator(stamp: Path) -> bool:
     return isinstance(data, dict) and {"version", "num_train", "seed"} <= data.keys()
 
 
-def ensure_dataset(data_root: Path, seed: int = 0) -> Path:
-    """Generate the synthetic set unless ``data_root`` already holds this version of it."""
+def _generator_files(data_root: Path) -> tuple[list[Path], list[Path]]:
+    """(files the synthetic generator writes, other files) in its output folders."""
+    own: list[Path] = []
+    foreign: list[Path] = []
+    for name in SYNTHETIC_OUTPUTS:
+        target = data_root / name
+        if target.is_dir():
+            for path in sorted(p for p in target.rglob("*") if not p.is_dir()):
+                generated = _GENERATED.match(path.relative_to(data_root).as_posix())
+                (own if generated else foreign).append(path)
+        elif target.exists():
+            own.append(target)
+    return own, foreign
+
+
+# The names generate_synthetic writes inside its folders (images, masks, split lists).
+_GENERATED = re.compile(
+    r"^(JPEGImages/(train|val)_\d{5}\.jpg|SegmentationClass/(train|val)_\d{5}\.png"
+    r"|splits/(\d+|full)/(labeled|unlabeled)\.txt|splits/val\.txt)$"
+)
+
+
+def ensure_dataset(data_root: Path, seed: int = 0, overwrite: bool = False) -> Path:
+    """Generate the synthetic set unless ``data_root`` already holds this version of it.
+
+    A set of another generator version is regenerated only with ``overwrite`` (``demo
+    --overwrite``), and then only the files the generator writes are replaced; any other
+    file in the folder, also inside ``JPEGImages/`` or ``splits/``, stays.
+    """
     stamp = data_root / STAMP_FILE
     expected = synthetic_stamp(seed=seed)
     if stamp.is_file() and json.loads(stamp.read_text()) == expected:
@@ -226,15 +254,21 @@ def ensure_dataset(data_root: Path, seed: int = 0) -> Path:
                 f"{data_root} exists and holds no protoseg synthetic stamp ({STAMP_FILE}); "
                 "it is left untouched: choose another --out folder, or delete it yourself"
             )
-        # Left by another protoseg version: its images and splits may differ from this one's.
-        # Only what the generator writes goes; anything else in the folder stays.
+        own, foreign = _generator_files(data_root)
+        if not overwrite:
+            kept = (
+                f"; {len(foreign)} other file(s) in it (e.g. {foreign[0]}) would stay"
+                if foreign
+                else ""
+            )
+            raise DataError(
+                f"{data_root} holds a synthetic dataset of another generator version "
+                f"({len(own)} generated files){kept}; pass --overwrite to regenerate it, or "
+                "choose another --out folder"
+            )
         log.info("replacing the synthetic dataset in %s (another generator version)", data_root)
-        for name in SYNTHETIC_OUTPUTS:
-            target = data_root / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
+        for path in own:
+            path.unlink(missing_ok=True)
     log.info("generating the synthetic dataset in %s", data_root)
     generate_synthetic(data_root, seed=seed)
     return data_root
@@ -290,6 +324,7 @@ def run_demo(
     pretrained: str | None = None,
     jobs: int | None = None,
     threads: int | None = None,
+    overwrite: bool = False,
 ) -> list[RunOutcome]:
     """Run the comparison, print the table, write ``report.md`` with plots; return the rows.
 
@@ -297,6 +332,7 @@ def run_demo(
     ``jobs`` runs train at once (default: on a CPU every run, up to max(3, CPU cores); on
     CUDA one), each on ``threads`` threads (default: 1 when several train at once on a CPU,
     else PyTorch's default). Results depend on the thread count, not on ``jobs``.
+    ``overwrite`` lets a dataset of another generator version be regenerated.
     """
     out = Path(out)
     started = time.perf_counter()
@@ -308,7 +344,7 @@ def run_demo(
         threads = 1
     _check_parallelism(jobs, threads)  # before the pretraining, not minutes into it
     backbone = ensure_backbone(out / "pretrained", pretrained, device)
-    data_root = ensure_dataset(out / "data")
+    data_root = ensure_dataset(out / "data", overwrite=overwrite)
     extra = ["train.progress=false"] if jobs > 1 else []  # interleaved bars say nothing
     runs = []
     for spec in specs:
@@ -318,7 +354,7 @@ def run_demo(
         runs.append((cfg, spec))
     outcomes = train_runs(runs, jobs, threads)
     table = format_comparison(outcomes, list(SYNTHETIC_CLASSES))
-    (out / "results.json").write_text(json.dumps([o.to_dict() for o in outcomes], indent=2))
+    atomic_write_text(out / "results.json", json.dumps([o.to_dict() for o in outcomes], indent=2))
     from protoseg.analysis.report import write_demo_report
 
     report = write_demo_report(out, outcomes, list(SYNTHETIC_CLASSES), cfg)

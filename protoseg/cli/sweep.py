@@ -10,6 +10,7 @@ final results is not trained again: delete the folder to retrain it.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from protoseg.config import ConfigError, load_config
+from protoseg.files import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +216,7 @@ def write_report(plan: SweepPlan, rows: Sequence[SweepRow]) -> tuple[Path, Path,
     out.mkdir(parents=True, exist_ok=True)
     heads = result_heads(rows)
     csv_path = out / "sweep.csv"
-    with csv_path.open("w", newline="") as handle:
+    with io.StringIO(newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(
             ["key", "value", *(f"miou_{h}" for h in heads), "best_miou", "status", "run_dir"]
@@ -230,6 +232,7 @@ def write_report(plan: SweepPlan, rows: Sequence[SweepRow]) -> tuple[Path, Path,
                     str(r.run_dir),
                 ]
             )
+        atomic_write_text(csv_path, handle.getvalue())
     lines = [
         f"| {plan.key} | " + "".join(f"mIoU {h} | " for h in heads) + "best mIoU | status |",
         "|---|" + "---|" * (len(heads) + 2),
@@ -241,7 +244,7 @@ def write_report(plan: SweepPlan, rows: Sequence[SweepRow]) -> tuple[Path, Path,
         for r in rows
     ]
     md_path = out / "sweep.md"
-    md_path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path, plot_sweep(plan.key, rows, out / "sweep.png")
 
 
@@ -273,6 +276,6 @@ def plot_sweep(key: str, rows: Sequence[SweepRow], path: Path) -> Path:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
     plt.close(fig)
     return path

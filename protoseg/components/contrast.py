@@ -68,7 +68,8 @@ class ContrastConfig:
                 raise ValueError(f"method.contrast.{key}={value} must be positive")
         if self.high_rank <= self.low_rank:
             raise ValueError(
-                f"method.contrast.high_rank={self.high_rank} must exceed low_rank={self.low_rank}"
+                f"method.contrast.high_rank={self.high_rank} must exceed "
+                f"method.contrast.low_rank={self.low_rank}"
             )
         if not 0.0 <= self.low_entropy_threshold <= 50.0:
             raise ValueError("method.contrast.low_entropy_threshold must lie in [0, 50]")

@@ -275,6 +275,11 @@ class PrototypeBranch(nn.Module):
                 f"{path}: expected prototypes of shape "
                 f"{tuple(self.bank.prototypes.shape)}, got {got}"
             )
+        if not bool(torch.isfinite(protos).all()):
+            raise ValueError(
+                f"{path}: the prototype bank holds NaN or infinite values; fix "
+                "method.prototypes.init_bank or leave it empty for k-means"
+            )
         self.bank.prototypes.copy_(protos)
         self.bank.initialized.fill_(True)
 

@@ -15,10 +15,20 @@ with the ``PROTOSEG_MAX_IMAGE_PIXELS`` environment variable (0 = no limit), whic
 workers inherit however they are started, or pass ``max_pixels`` to the functions here.
 Pillow's process-wide ``Image.MAX_IMAGE_PIXELS`` is left alone except while protoseg opens
 a file that its own, higher limit allows.
+
+EXIF orientation
+----------------
+A camera stores a portrait photo as landscape pixels plus an EXIF "Orientation" tag that
+viewers (and annotation tools) apply. Images (``what="image"``) are turned upright by
+that tag, as ``PIL.ImageOps.exif_transpose`` does, in training, evaluation and ``predict``
+alike, so a photo meets the mask drawn on what the annotator saw. Masks (``what="mask"``)
+are never turned: they are label maps, their pixel grid is the truth. :func:`image_size`
+reports the upright size, so a mask drawn on the upright photo passes the size check.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import warnings
@@ -27,17 +37,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from protoseg.data.splits import DataError
 
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 MAX_PIXELS_ENV = "PROTOSEG_MAX_IMAGE_PIXELS"
 
+# EXIF Orientation values that swap width and height (the 90- and 270-degree ones).
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+_EXIF_ORIENTATION = 0x0112
 _WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 # Pillow reads its limit from a module global; this lock keeps two threads that lift it
 # from restoring each other's value.
 _PIL_LIMIT_LOCK = threading.Lock()
+_noted_orientation = threading.Event()
+log = logging.getLogger(__name__)
 
 
 def max_image_pixels(max_pixels: int | None = None) -> int | None:
@@ -130,15 +145,40 @@ def open_image(path: str | Path, what: str = "image", max_pixels: int | None = N
     ``what`` ("image", "mask") words the error; ``max_pixels`` is the pixel limit (None: the
     one in force, see :func:`max_image_pixels`; 0: none).
     """
-    return _open(Path(path), what, max_image_pixels(max_pixels), decode=True)
+    image = _open(Path(path), what, max_image_pixels(max_pixels), decode=True)
+    if what == "image" and _orientation(image) not in (None, 1):
+        upright = ImageOps.exif_transpose(image)
+        image.close()
+        if not _noted_orientation.is_set():
+            _noted_orientation.set()
+            log.info(
+                "%s: turned upright by its EXIF orientation tag, as image viewers show it "
+                "(done for every such photo, never for masks; noted once)",
+                path,
+            )
+        return upright
+    return image
+
+
+def _orientation(image: Image.Image) -> int | None:
+    """The EXIF Orientation tag of an image (1 = upright), None without one or unreadable."""
+    try:
+        value = image.getexif().get(_EXIF_ORIENTATION)
+    except Exception:  # a malformed EXIF block is no reason to refuse the pixels
+        return None
+    return int(value) if isinstance(value, int) else None
 
 
 def image_size(
     path: str | Path, what: str = "image", max_pixels: int | None = None
 ) -> tuple[int, int]:
-    """(width, height) from the file's header alone, with the pixel limit applied."""
+    """(width, height) from the file's header alone, with the pixel limit applied; for an
+    image, the size once its EXIF orientation is applied (as :func:`open_image` returns it)."""
     with _open(Path(path), what, max_image_pixels(max_pixels), decode=False) as image:
-        return image.size
+        width, height = image.size
+        if what == "image" and _orientation(image) in _TRANSPOSING_ORIENTATIONS:
+            return height, width  # the upright size open_image returns
+        return width, height
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -48,12 +49,16 @@ def _check_mask(mask: np.ndarray) -> np.ndarray:
     return mask.astype(np.uint8, copy=False)
 
 
-def save_mask_png(mask: np.ndarray, path: str | Path, palette: Palette | None = None) -> None:
-    """Write a label mask as a palette ('P') PNG whose pixel values are the class ids."""
+def save_mask_png(
+    mask: np.ndarray, path: str | Path | BinaryIO, palette: Palette | None = None
+) -> None:
+    """Write a label mask as a palette ('P') PNG whose pixel values are the class ids
+    (to a file name, or to an open binary file such as ``atomic_write`` gives)."""
     image = Image.fromarray(_check_mask(mask))
     # putpalette turns the 'L' image into 'P' without touching the indices.
     image.putpalette(_palette_array(palette).ravel().tolist())
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(path, str | Path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")
 
 

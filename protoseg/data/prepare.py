@@ -32,6 +32,7 @@ from PIL import Image
 from protoseg.data.datasets import CITYSCAPES_LABEL_ID_TO_TRAIN_ID
 from protoseg.data.io import image_size, open_image
 from protoseg.data.splits import DataError, read_split, read_split_lines
+from protoseg.files import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +91,8 @@ class CityscapesSummary:
 # ---- shared pieces ---------------------------------------------------------------------------
 def _save_png(array: np.ndarray, path: Path) -> None:
     """Write a greyscale PNG through a temporary file, so an interrupted run leaves no half file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    image = Image.fromarray(array)
+    atomic_write(path, lambda handle: image.save(handle, format="PNG"), durable=False)
 
 
 def _check_ids(ids: np.ndarray, path: Path, num_classes: int, hint: str) -> np.ndarray:
@@ -168,8 +165,7 @@ def _write_texts(plan: Sequence[tuple[Path, str]]) -> list[Path]:
     """Write each (target, text); a file that already holds its text is left untouched."""
     for target, text in plan:
         if not (target.is_file() and target.read_text() == text):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text)
+            atomic_write_text(target, text)
     return [target for target, _ in plan]
 
 

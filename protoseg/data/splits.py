@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from protoseg.files import atomic_write
+
 log = logging.getLogger(__name__)
 
 # What torch's ExceptionWrapper hands the exception class when it re-raises a DataLoader
@@ -105,8 +107,10 @@ def write_split(path: str | Path, names: Sequence[str], overwrite: bool = False)
             raise DataError(f"{path}: split entry {name!r} is blank or spans lines; fix the name")
     if not overwrite:
         refuse_existing([path])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{name}\n" for name in names))
+    text = "".join(f"{name}\n" for name in names).encode("utf-8")
+    # Through a temporary file: a full disk leaves no truncated list (a split that silently
+    # lost its last names would train on fewer images).
+    atomic_write(path, lambda handle: handle.write(text))
 
 
 def refuse_existing(paths: Sequence[str | Path]) -> None:

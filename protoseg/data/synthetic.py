@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from protoseg.data.palette import save_mask_png
 from protoseg.data.splits import DataError, make_split, refuse_existing, write_split
+from protoseg.files import atomic_write
 
 SYNTHETIC_CLASSES: list[str] = ["background", "disc", "bar", "ring", "cross", "triangle"]
 
@@ -358,8 +359,18 @@ def _write_one(job: tuple[Path, int, str, int, int]) -> None:
     height, width = scene_size(rng, image_size)
     scene = render_scene(rng, height, width)
     name = f"{split}_{index:05d}"
-    Image.fromarray(scene.image).save(out / "JPEGImages" / f"{name}.jpg", quality=95)
-    save_mask_png(scene.mask, out / "SegmentationClass" / f"{name}.png")
+    image = Image.fromarray(scene.image)
+    # Through temporary files: a full disk leaves no truncated image behind.
+    atomic_write(
+        out / "JPEGImages" / f"{name}.jpg",
+        lambda handle: image.save(handle, "JPEG", quality=95),
+        durable=False,
+    )
+    atomic_write(
+        out / "SegmentationClass" / f"{name}.png",
+        lambda handle: save_mask_png(scene.mask, handle),
+        durable=False,
+    )
 
 
 def generate_synthetic(
@@ -412,9 +423,10 @@ def generate_synthetic(
     write_split(out / "splits" / "full" / "labeled.txt", train, True)
     write_split(out / "splits" / "full" / "unlabeled.txt", train, True)
     write_split(out / "classes.txt", SYNTHETIC_CLASSES, True)
-    (out / STAMP_FILE).write_text(
-        json.dumps(synthetic_stamp(num_train, num_val, image_size, label_counts, seed), indent=2)
+    stamp = json.dumps(
+        synthetic_stamp(num_train, num_val, image_size, label_counts, seed), indent=2
     )
+    atomic_write(out / STAMP_FILE, lambda handle: handle.write(stamp.encode("utf-8")))
     return out
 
 

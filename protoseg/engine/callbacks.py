@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from protoseg.engine.checkpoint import checkpoint_dir, prune_checkpoints
+from protoseg.engine.runtime import deferred_interrupts
 from protoseg.engine.state import FinalEvaluation, RunContext, StepEnd, TrainEnd
 from protoseg.files import atomic_write, save_file
 from protoseg.inference import EvalResult, format_table, save_result
@@ -149,8 +150,11 @@ class PeriodicEvaluation(Callback):
         every, step = run.cfg.train.eval_every, event.step
         if not every or step % every or step >= run.total_steps:
             return
-        results = run.evaluate(f"eval@{step}")
-        track_best(run, results)
+        # A Ctrl-C or SIGTERM here waits for the evaluation and the best model to be kept, so
+        # an interrupted run's best.pt is the one an uninterrupted run would have.
+        with deferred_interrupts(f"the evaluation at step {step}"):
+            results = run.evaluate(f"eval@{step}")
+            track_best(run, results)
         if run.is_main:
             for head, res in results.items():
                 run.writer.add_scalar(f"val/miou_{head}", res.miou, step)

@@ -25,6 +25,8 @@ from protoseg.files import (
     CheckpointError,
     load_file,
     load_state_strict,
+    refuse_non_finite,
+    state_is_finite,
     temp_files,
 )
 from protoseg.inference import EvalResult
@@ -54,6 +56,23 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     """The newest training checkpoint in a folder, or None."""
     found = list_checkpoints(folder)
     return found[-1] if found else None
+
+
+def latest_finite_checkpoint(folder: str | Path) -> Path | None:
+    """The newest checkpoint whose weights are all finite (read newest first), or None.
+
+    After a divergence the newest checkpoint may already hold NaN weights (the step that
+    overflowed had a finite loss); this is the one to name as the last good checkpoint.
+    Unreadable files are passed over as not good.
+    """
+    for path in reversed(list_checkpoints(folder)):
+        try:
+            data = load_file(path, formats=(TRAINING_FORMAT,))
+        except CheckpointError:
+            continue
+        if state_is_finite(data.get("method") or {}):
+            return path
+    return None
 
 
 def prune_checkpoints(folder: str | Path, keep_last: int) -> None:
@@ -167,6 +186,7 @@ def restore_training_state(
             f"{path} was written by a different recipe ({'; '.join(changes)}); train "
             "into a new train.out_dir, or point --resume at a checkpoint of this recipe"
         )
+    refuse_non_finite(data["method"], path)
     load_state_strict(as_module(parts.method), data["method"], path, "method")
     parts.optimizer.load_state_dict(data["optimizer"])
     parts.scheduler.load_state_dict(data["scheduler"])

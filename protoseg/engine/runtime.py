@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from protoseg.signals import deferred_interrupts, sigterm_as_interrupt
+
 log = logging.getLogger(__name__)
 
 
@@ -61,3 +63,13 @@ def run_log(path: Path, enabled: bool = True) -> Iterator[None]:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
         handler.close()
+
+
+# The trainer's signal handling lives with the low-level writers that also need it.
+__all__ = [
+    "configure_determinism",
+    "deferred_interrupts",
+    "resolve_precision",
+    "run_log",
+    "sigterm_as_interrupt",
+]

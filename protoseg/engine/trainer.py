@@ -20,13 +20,14 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from protoseg.config import Config, save_config
+from protoseg.config import Config, config_yaml
 from protoseg.distributed import DistInfo, init_distributed
 from protoseg.engine import callbacks as cb
 from protoseg.engine.checkpoint import (
     TrainedParts,
     checkpoint_dir,
     latest_checkpoint,
+    latest_finite_checkpoint,
     remove_stale_temp_files,
     restore_training_state,
     resume_path,
@@ -37,6 +38,7 @@ from protoseg.engine.optim import build_optimizer, build_scheduler
 from protoseg.engine.run_lock import RunLock
 from protoseg.engine.runtime import configure_determinism, resolve_precision, run_log
 from protoseg.engine.state import FinalEvaluation, RunContext, StepEnd, TrainEnd, TrainingState
+from protoseg.files import atomic_write_text
 from protoseg.inference import EvalResult, evaluate
 from protoseg.inference.model_file import model_payload
 from protoseg.lifecycle import InitContext
@@ -231,7 +233,7 @@ class Trainer:
             self.resume(resume_from)
         if is_main:
             # Written only after a resume was accepted, so a refused one changes nothing.
-            save_config(cfg, self.out_dir / "config.yaml")
+            atomic_write_text(self.out_dir / "config.yaml", config_yaml(cfg))
             for stale in remove_stale_temp_files(checkpoint_dir(self.out_dir)):
                 log.info("removed %s, left by an interrupted checkpoint write", stale)
             log.info(
@@ -364,7 +366,8 @@ class Trainer:
             log.warning("step %d: non-finite %s; skipping the update", self.step, what)
             self.optimizer.zero_grad(set_to_none=True)
             return
-        last = latest_checkpoint(checkpoint_dir(self.out_dir))
+        # The newest checkpoint may already hold the diverged weights: name a finite one.
+        last = latest_finite_checkpoint(checkpoint_dir(self.out_dir))
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
         raise NonFiniteLossError(
             f"step {self.step}: non-finite {what}; training stopped and {kept}. Lower optim.lr, "

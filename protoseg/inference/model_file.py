@@ -24,6 +24,7 @@ from protoseg.files import (
     TRAINING_FORMAT,
     CheckpointError,
     load_file,
+    refuse_non_finite,
 )
 
 
@@ -118,6 +119,10 @@ def read_model_file(path: str | Path) -> ModelFile:
         raise CheckpointError(
             f"{path}: a training checkpoint of an older protoseg version; use its model.pt"
         )
+    # A diverged run's weights predict one class everywhere; never serve them silently.
+    refuse_non_finite(state, path)
+    head_states = {name: spec.get("state") or {} for name, spec in heads.items()}
+    refuse_non_finite(head_states, path, "heads")
     names = data.get("class_names") or class_names_of(cfg)
     palette = [tuple(int(v) for v in c) for c in data.get("palette") or voc_palette(256)]
     return ModelFile(path, cfg, state, heads, list(names), palette)  # type: ignore[arg-type]

@@ -169,7 +169,17 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         ) from e
     except (OSError, RuntimeError, ValueError, EOFError, SafetensorError) as e:
         raise ModelError(f"could not read pretrained weights {str(path)!r}: {e}") from e
-    return _unwrap_state_dict(obj, str(path))
+    state = _unwrap_state_dict(obj, str(path))
+    from protoseg.files import non_finite_tensors
+
+    bad = non_finite_tensors(state)
+    if bad:
+        # Starting from NaN weights trains nothing and reports an all-one-class mask.
+        raise ModelError(
+            f"pretrained weights {str(path)!r} hold NaN or infinite values ({', '.join(bad[:3])}"
+            f"{' ...' if len(bad) > 3 else ''}); the file is damaged or from a diverged run"
+        )
+    return state
 
 
 def _unpickling_reason(err: pickle.UnpicklingError) -> str:

@@ -236,10 +236,13 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: circular 'base:' reference")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    from protoseg.config.yaml_io import YAMLInputError, load_yaml
+
     try:
-        text = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        text = load_yaml(path.read_text(), path) or {}
+    except YAMLInputError as exc:
+        # Duplicate keys and alias bombs included: the message names the line.
+        raise ConfigError(str(exc)) from None
     if not isinstance(text, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     bases = text.pop("base", None) or []
@@ -335,6 +338,9 @@ def validate(cfg: Config) -> Config:
         )
     if not isinstance(cfg.method, MethodConfig):
         raise ConfigError("the method section must be a registered method's config dataclass")
+    from protoseg.config.ranges import check_ranges
+
+    check_ranges(cfg)  # every number's range (finite, signs, [0, 1] probabilities...)
     try:
         cfg.method.check()
     except ValueError as exc:
@@ -350,7 +356,7 @@ def shipped_config_dir() -> Path:
         return Path(str(files("protoseg.configs")))
     except ModuleNotFoundError:
         # A source checkout on PYTHONPATH, not installed: configs/ sits beside the package.
-        return Path(__file__).resolve().parents[1] / "configs"
+        return Path(__file__).resolve().parents[2] / "configs"
 
 
 def find_config(name: str | Path) -> Path:
@@ -456,11 +462,6 @@ def from_dict(
 def config_yaml(cfg: Config) -> str:
     """The resolved config as YAML text."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(config_yaml(cfg))
 
 
 # What makes a checkpoint a different experiment. Everything else (paths, device, workers,
