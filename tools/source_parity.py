@@ -67,6 +67,13 @@ from tools.parity.protoseg_side import build_method  # noqa: E402
 Results = dict[str, dict[str, Tensor]]
 
 
+def _required(module: Any) -> Any:
+    """``module``, which must exist (U2PL's teacher)."""
+    if module is None:
+        raise ValueError("this method has no EMA teacher")
+    return module
+
+
 def differences(mine: Results, theirs: Results) -> dict[str, tuple[float, str]]:
     """Per group (term, grad, state): the largest max abs difference and where it is."""
     out = {}
@@ -128,7 +135,13 @@ def u2pl_world(
 
     from tools.parity import source_side
     from tools.parity.cases import load_initial
-    from tools.parity.protoseg_side import NUM_CLASSES, OPTIMIZER
+    from tools.parity.protoseg_side import (
+        NUM_CLASSES,
+        OPTIMIZER,
+        queue_capacities,
+        student_network,
+        teacher_network,
+    )
 
     case = CASES["u2pl"]
     method, _ = build_method("u2pl", case.overrides, case.steps_per_epoch)
@@ -137,14 +150,14 @@ def u2pl_world(
         spec = {
             "kwargs": {
                 "source": source,
-                "student": copy.deepcopy(method.student),
-                "teacher": copy.deepcopy(method.teacher.network),
+                "student": copy.deepcopy(student_network(method)),
+                "teacher": copy.deepcopy(_required(teacher_network(method))),
                 "batch": batch,
                 "boxes": draws["boxes"],
                 "contrast_seed": int(draws["contrast_seed"]),
                 "epoch": case.step,
                 "cfg": source_side.u2pl_config(source, NUM_CLASSES, 10, low_rank=1),
-                "queue_sizes": list(method.queues.capacities),
+                "queue_sizes": queue_capacities(method),
                 "optimizer_settings": OPTIMIZER,
             },
             "out": f"{tmp}/rank0.pt",

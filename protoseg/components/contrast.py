@@ -26,7 +26,10 @@ from protoseg.distributed import all_gather_rows
 class ContrastConfig:
     """The ``method.contrast`` block: U2PL's ``trainer.contrastive`` section and queue sizes."""
 
-    # Loss weight (the release's contrastive ``loss_weight``, absent from its configs: 1).
+    # Weight of the contrastive gradient, on any process count. The release's is its
+    # ``loss_weight`` (absent from its configs: 1) divided by its GPU count, as it divides
+    # the all-reduced loss by the world size and all_reduce passes no gradient
+    # (docs/parity.md): 1/4 in its VOC runs, 1/8 in its Cityscapes runs.
     weight: float = 1.0
     # Width of the representation head's output: the key and anchor size.
     dim: int = 256

@@ -25,10 +25,15 @@ from tools.parity.protoseg_side import (
     OPTIMIZER,
     StepResult,
     build_method,
+    encoder_channels,
+    load_network,
     loss_terms,
     quantized_state,
+    queue_capacities,
+    queue_contents,
     run_step,
-    set_weights,
+    student_network,
+    teacher_network,
 )
 
 BATCH, SIZE = 2, 33  # 33 px: the stride-4 maps (9 px) align exactly with align_corners
@@ -99,6 +104,13 @@ CASES: dict[str, Case] = {
 }
 
 
+def _required(module: Any) -> Any:
+    """``module``, which must exist (U2PL's teacher)."""
+    if module is None:
+        raise ValueError("this method has no EMA teacher")
+    return module
+
+
 def _settings(overrides: list[str], key: str) -> str:
     return next(o.split("=", 1)[1] for o in overrides if o.startswith(key + "="))
 
@@ -141,7 +153,7 @@ def make_inputs(name: str, seed: int = 0) -> tuple[dict[str, Tensor], dict[str, 
 def fp_masks(method: Any, seed: int) -> dict[str, Tensor]:
     """UniMatch's channel-dropout draws (p = 0.5, kept channels x 2) for both encoder maps."""
     gen = torch.Generator().manual_seed(seed + 1)
-    low, _, high = method.student.backbone.channels
+    low, high = encoder_channels(method)
     n = 2 * BATCH
     return {
         f"fp_{key}": (torch.rand(n, c, 1, 1, generator=gen) >= 0.5).float() * 2.0
@@ -151,19 +163,12 @@ def fp_masks(method: Any, seed: int) -> dict[str, Tensor]:
 
 def initial_state(name: str, method: Any) -> dict[str, Tensor]:
     """The check's network: the method's student, quantised (and nothing else)."""
-    return quantized_state(method.student)
+    return quantized_state(student_network(method))
 
 
 def load_initial(name: str, method: Any, student_state: dict[str, Tensor]) -> None:
-    """Put the check's network into ``method`` (and U2PL's teacher, derived from it)."""
-    set_weights(method.student, student_state)
-    teacher = getattr(method, "teacher", None)
-    if teacher is not None:
-        derived = {
-            k: v * TEACHER_FACTOR if k in dict(method.student.named_parameters()) else v.clone()
-            for k, v in student_state.items()
-        }
-        set_weights(teacher.network, derived)
+    """Put the check's network into ``method`` (and an EMA teacher, derived from it)."""
+    load_network(method, student_state, TEACHER_FACTOR)
 
 
 def protoseg_batches(batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -197,10 +202,7 @@ def protoseg_run(
     labeled, unlabeled = protoseg_batches(batch)
     result = run_step(name, method, labeled, unlabeled, case.step, draws)
     out = canonical(name, result)
-    queues = getattr(method, "queues", None)
-    if queues is not None:
-        for c in range(len(queues.capacities)):
-            out["state"][f"queue.{c}"] = queues.queue(c)
+    out["state"].update(queue_contents(method))
     return out
 
 
@@ -270,7 +272,7 @@ def source_run(
         res = source_side.unimatch_loop(
             source,
             f"{name}.py",
-            copy.deepcopy(method.student),
+            copy.deepcopy(student_network(method)),
             drop,  # type: ignore[arg-type]
             item,
             float(_settings(case.overrides, "method.confidence_threshold")),
@@ -281,14 +283,14 @@ def source_run(
         with source_side.process_group():
             res = source_side.u2pl_train(
                 source,
-                copy.deepcopy(method.student),
-                copy.deepcopy(method.teacher.network),
+                copy.deepcopy(student_network(method)),
+                copy.deepcopy(_required(teacher_network(method))),
                 batch,
                 draws["boxes"],
                 int(draws["contrast_seed"]),
                 epoch=case.step,
                 cfg=cfg,
-                queue_sizes=list(method.queues.capacities),
+                queue_sizes=queue_capacities(method),
                 optimizer_settings=OPTIMIZER,
             )
         res.pop("contra_loss_local")
@@ -298,7 +300,7 @@ def source_run(
         u1 = roll(batch["image_u"]) if roll is not None else batch["image_u_mix"]
         res = source_side.cps_loop(
             source,
-            copy.deepcopy(method.student),
+            copy.deepcopy(student_network(method)),
             batch["image_l"],
             batch["mask_l"],
             batch["image_u"],

@@ -77,6 +77,46 @@ def student_network(method: Any) -> nn.Module:
     return student
 
 
+def teacher_network(method: Any) -> nn.Module | None:
+    """The EMA teacher's network of ``method``, if it has one."""
+    teacher = getattr(method, "teacher", None)
+    network: nn.Module | None = None if teacher is None else teacher.network
+    return network
+
+
+def encoder_channels(method: Any) -> tuple[int, int]:
+    """Channels of the low-level and the last encoder map (UniMatch's perturbed maps)."""
+    low, _, high = method.student.backbone.channels
+    return int(low), int(high)
+
+
+def queue_capacities(method: Any) -> list[int]:
+    """U2PL's per-class queue lengths."""
+    return list(method.queues.capacities)
+
+
+def queue_contents(method: Any) -> dict[str, Tensor]:
+    """U2PL's queues, oldest key first, as ``queue.<class>`` (none for other methods)."""
+    queues = getattr(method, "queues", None)
+    if queues is None:
+        return {}
+    return {f"queue.{c}": queues.queue(c) for c in range(len(queues.capacities))}
+
+
+def load_network(method: Any, student_state: dict[str, Tensor], teacher_factor: float) -> None:
+    """Put the check's network into the student; an EMA teacher gets the same network with
+    every parameter times ``teacher_factor`` (so that the two predict differently)."""
+    student = student_network(method)
+    set_weights(student, student_state)
+    teacher = teacher_network(method)
+    if teacher is not None:
+        params = dict(student.named_parameters())
+        derived = {
+            k: v * teacher_factor if k in params else v.clone() for k, v in student_state.items()
+        }
+        set_weights(teacher, derived)
+
+
 class _Sequence:
     """Returns the stored values one call after another (then fails: a call too many)."""
 
