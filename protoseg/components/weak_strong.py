@@ -146,7 +146,8 @@ class WeakToStrongSettings:
     # random_area (UniMatch's box) | half_area (the PCR release's box).
     mix_box: str = "random_area"
     # shared_pass | eval_pass: see PARTNER_LABELS. eval_pass costs one no-grad eval-mode
-    # forward more per step and gives UniMatch's step exactly (docs/parity.md).
+    # forward more per step and gives UniMatch's step exactly (docs/parity.md); FixMatch
+    # with an EMA teacher already pastes the teacher's eval-mode labels and adds no pass.
     partner_labels: str = "shared_pass"
 
     def check(self) -> None:

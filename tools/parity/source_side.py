@@ -36,7 +36,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import importlib
-import os
 import socket
 import sys
 import types
@@ -545,8 +544,3 @@ def cps_loop(
         "grads": grads_of(model),
         "state": state_of(model, "student."),
     }
-
-
-def environment_note() -> str:
-    """torch and numpy versions the source ran under (for a fixture's metadata)."""
-    return f"torch {torch.__version__}, numpy {np.__version__}, pid {os.getpid()}"
