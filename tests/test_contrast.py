@@ -19,6 +19,7 @@ from protoseg.components import (
     pixel_entropy,
     reliable_cross_entropy,
 )
+from protoseg.components.contrast import class_members
 from protoseg.distributed import all_gather_rows
 
 IGNORE = 255
@@ -229,3 +230,39 @@ def test_contrast_config_names_bad_values():
     with pytest.raises(ValueError, match="method.contrast.temperature"):
         ContrastConfig(temperature=0).check()
     assert ContrastConfig().capacities(3) == [50000, 30000, 30000]
+
+
+def test_release_one_hot_fills_only_the_first_image_of_each_half():
+    # U2PL's label_onehot scatters every image's labels into the first image's rows: in
+    # each half (labelled rows, then unlabelled rows) the first image holds the union of
+    # the half's classes per pixel (an ignored label counting as class 0, where the first
+    # image itself is not ignored), the other images none.
+    labels = torch.tensor(
+        [
+            [[0, 1], [2, 255]],  # labelled image 0
+            [[1, 1], [255, 2]],  # labelled image 1
+            [[2, 0], [1, 1]],  # unlabelled image 0
+            [[2, 2], [0, 1]],  # unlabelled image 1
+        ]
+    )
+    members = class_members(labels, 3, num_labeled=2, release_one_hot=True)
+    assert not members[1].any() and not members[3].any()
+    expected_labeled = torch.tensor(
+        [
+            [[True, False], [True, False]],
+            [[True, True], [False, False]],
+            [[False, False], [True, False]],
+        ]
+    )
+    assert torch.equal(members[0], expected_labeled)
+    expected_unlabeled = torch.tensor(
+        [
+            [[False, True], [True, False]],
+            [[False, False], [True, True]],
+            [[True, True], [False, False]],
+        ]
+    )
+    assert torch.equal(members[2], expected_unlabeled)
+    per_image = class_members(labels, 3, num_labeled=2, release_one_hot=False)
+    assert torch.equal(per_image.long().argmax(1)[labels < 3], labels[labels < 3])
+    assert not per_image.permute(0, 2, 3, 1)[labels == 255].any()

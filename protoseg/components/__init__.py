@@ -36,7 +36,12 @@ from protoseg.components.reliability import (
     reliable_cross_entropy,
 )
 from protoseg.components.teacher import EMATeacher, TeacherSettings
-from protoseg.components.weak_strong import WeakToStrongSettings, cutmix_boxes, strong_view
+from protoseg.components.weak_strong import (
+    WeakToStrongSettings,
+    cutmix_boxes,
+    eval_pass_labels,
+    strong_view,
+)
 from protoseg.lifecycle import InitContext
 
 __all__ = [
@@ -67,6 +72,7 @@ __all__ = [
     "confident_fraction",
     "contrastive_loss",
     "cutmix_boxes",
+    "eval_pass_labels",
     "hard_labels",
     "masked_cross_entropy",
     "percentile",

@@ -26,7 +26,10 @@ from protoseg.distributed import all_gather_rows
 class ContrastConfig:
     """The ``method.contrast`` block: U2PL's ``trainer.contrastive`` section and queue sizes."""
 
-    # Loss weight (the release's contrastive ``loss_weight``, absent from its configs: 1).
+    # Weight of the contrastive gradient, on any process count. The release's is its
+    # ``loss_weight`` (absent from its configs: 1) divided by its GPU count, as it divides
+    # the all-reduced loss by the world size and all_reduce passes no gradient
+    # (docs/parity.md): 1/4 in its VOC runs, 1/8 in its Cityscapes runs.
     weight: float = 1.0
     # Width of the representation head's output: the key and anchor size.
     dim: int = 256
@@ -51,6 +54,12 @@ class ContrastConfig:
     # class with reliable pixels is contrasted using the anchors and positive of class k
     # (U2PL issues #171 and #111). False: the paper's definitions.
     as_released: bool = True
+    # True: class membership as the release's label_onehot (u2pl/utils/utils.py) computes
+    # it. Its scatter_ writes every image's one-hot into the first image's rows, so in each
+    # half of the batch (labelled, unlabelled) only the first image has classes, and a pixel
+    # of it belongs to every class some image of that half has there (an ignored label
+    # counting as class 0). False: each pixel belongs to its own label's class only.
+    release_one_hot: bool = True
 
     def check(self) -> None:
         """Raise ValueError naming the key of an invalid value."""
@@ -144,6 +153,29 @@ def class_ranks(prob: Tensor) -> Tensor:
     return prob.argsort(dim=1, descending=True).argsort(dim=1)
 
 
+def class_members(
+    labels: Tensor, num_classes: int, num_labeled: int, release_one_hot: bool
+) -> Tensor:
+    """(B, C, h, w) bool: whether each pixel counts as class c (see ``release_one_hot``).
+
+    ``labels`` (B, h, w) holds a class in [0, C) or anything else for no class; the first
+    ``num_labeled`` rows are the labelled half of the batch.
+    """
+    members = torch.stack([labels == c for c in range(num_classes)], dim=1)
+    if not release_one_hot:
+        return members
+    out = torch.zeros_like(members)
+    for start, stop in ((0, num_labeled), (num_labeled, labels.shape[0])):
+        if stop <= start:
+            continue
+        part = labels[start:stop]
+        known = (part >= 0) & (part < num_classes)
+        filled = torch.where(known, part, torch.zeros_like(part))
+        union = torch.stack([(filled == c).any(dim=0) for c in range(num_classes)])
+        out[start] = union & known[0]
+    return out
+
+
 def contrastive_loss(
     rep: Tensor,
     rep_teacher: Tensor,
@@ -170,18 +202,20 @@ def contrastive_loss(
     ranks = class_ranks(prob)
     labeled_row = torch.zeros_like(labels, dtype=torch.bool)
     labeled_row[:num_labeled] = True
+    members = class_members(labels, num_classes, num_labeled, cfg.release_one_hot)
     class_reliable, anchors, negatives, present = [], [], [], []
     for c in range(num_classes):
-        reliable_c = (labels == c) & reliable
+        member = members[:, c]
+        reliable_c = member & reliable
         # Labelled pixels of another class that the teacher ranks c among the first low_rank;
         # unlabelled pixels that it ranks c in [low_rank, high_rank).
         rank = ranks[:, c]
         candidate = torch.where(
             labeled_row,
-            (rank < cfg.low_rank) & (labels != c),
+            (rank < cfg.low_rank) & ~member,
             (rank >= cfg.low_rank) & (rank < cfg.high_rank),
         )
-        pool = (labels == c) & unreliable if cfg.as_released else unreliable
+        pool = member & unreliable if cfg.as_released else unreliable
         negatives.append(keys[pool & candidate & (prob[:, c] < cfg.negative_threshold)])
         class_reliable.append(reliable_c)
         anchors.append(reliable_c & (prob[:, c] > cfg.current_class_threshold))

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from protoseg.components.augment import MixOutput, half_area_boxes, paste_from_partner
+from protoseg.components.pseudo_label import hard_labels
 from protoseg.config import WarmupSettings
 
 # Give up on a box after this many placements that do not fit (then the image keeps no
@@ -90,15 +91,47 @@ def strong_view(
     labels: Tensor,
     conf: Tensor,
     valid: Tensor,
+    partner: tuple[Tensor, Tensor] | None = None,
 ) -> MixOutput:
     """Photometric augmentation of the weak view, then CutMix with the partner image.
 
     Inside image i's box, its pixels, pseudo-labels, confidences and validity become those
     of image (i + 1) mod B; the pasted pixels are the partner's own strong view, as
-    UniMatch pastes the strong view of its mixing batch.
+    UniMatch pastes the strong view of its mixing batch. ``partner`` gives other
+    (labels, confidences) of the batch to paste from (UniMatch's eval-mode prediction of
+    its mixing batch, ``partner_labels: eval_pass``); by default the pasted ones are
+    ``labels``/``conf``.
     """
     strong = photometric(images, valid)
-    return paste_from_partner(boxes, strong, labels, conf, valid)  # type: ignore[return-value]
+    if partner is None:
+        return paste_from_partner(boxes, strong, labels, conf, valid)  # type: ignore[return-value]
+    x_s, valid_s = paste_from_partner(boxes, strong, valid)
+    pasted_labels, pasted_conf = (torch.roll(t, shifts=-1, dims=0) for t in partner)
+    y_s = torch.where(boxes, pasted_labels, labels)
+    conf_s = torch.where(boxes, pasted_conf, conf)
+    return x_s, y_s, conf_s, valid_s
+
+
+# Where the pseudo-labels pasted inside a CutMix box come from: "shared_pass", the
+# student's train-mode pass that also labels the image itself; "eval_pass", an eval-mode
+# pass of the student over the batch, as UniMatch predicts its mixing batch
+# (fixmatch.py lines 132-137, unimatch.py 135-140).
+PARTNER_LABELS = ("shared_pass", "eval_pass")
+
+
+@torch.no_grad()
+def eval_pass_labels(
+    student: torch.nn.Module, forward: Callable[[Tensor], dict[str, Tensor]], images: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Hard labels and confidences of ``forward(images)`` with ``student`` in eval mode
+    (``forward`` runs it, possibly through a wrapper); the student's mode is restored."""
+    was_training = student.training
+    student.eval()
+    try:
+        logits = forward(images)["logits"]
+    finally:
+        student.train(was_training)
+    return hard_labels(logits)
 
 
 @dataclass
@@ -113,6 +146,10 @@ class WeakToStrongSettings(WarmupSettings):
     mix_prob: float = 0.5
     # random_area (UniMatch's box) | half_area (the PCR release's box).
     mix_box: str = "random_area"
+    # shared_pass | eval_pass: see PARTNER_LABELS. eval_pass costs one no-grad eval-mode
+    # forward more per step and gives UniMatch's step exactly (docs/parity.md); FixMatch
+    # with an EMA teacher already pastes the teacher's eval-mode labels and adds no pass.
+    partner_labels: str = "shared_pass"
 
     def check(self) -> None:
         """Raise ValueError naming the key of an invalid value."""
@@ -122,6 +159,11 @@ class WeakToStrongSettings(WarmupSettings):
             raise ValueError("method.confidence_threshold must lie in [0, 1]")
         if not 0.0 <= self.mix_prob <= 1.0:
             raise ValueError("method.mix_prob must lie in [0, 1]")
+        if self.partner_labels not in PARTNER_LABELS:
+            raise ValueError(
+                f"method.partner_labels={self.partner_labels!r}: choose one of "
+                f"{', '.join(PARTNER_LABELS)}"
+            )
         if self.mix_box not in BOX_SHAPES:
             raise ValueError(
                 f"method.mix_box={self.mix_box!r}: choose one of {', '.join(BOX_SHAPES)}"

@@ -48,6 +48,12 @@ class CPSConfig(WarmupSettings, MethodConfig):
     # Each image gets mix_boxes boxes covering a share of it drawn from mix_area_range.
     mix_area_range: list[float] = field(default_factory=lambda: [0.25, 0.5])
     mix_boxes: int = 3
+    # false: one no-grad pass over the unlabelled batch, one pass over labelled + mixed
+    # images. true: the release's passes (train.py lines 209-243): no-grad passes over the
+    # batch and over its partner batch (image (i + 1) mod B), the mixed images, then the
+    # labelled images, each normalised by its own BatchNorm statistics; one no-grad pass
+    # more per step. docs/parity.md measures the difference.
+    release_passes: bool = False
 
     def check(self) -> None:
         """Raise ValueError naming the key of an invalid value."""
@@ -144,6 +150,8 @@ class CPS(MethodBase):
         #    mode, as the release).
         with torch.no_grad():
             weak_left, weak_right = NetworkPair.split(self.run_student(x_u))
+            if c.release_passes:
+                partner = NetworkPair.split(self.run_student(torch.roll(x_u, -1, dims=0)))
         from_left, from_right = weak_left["logits"].argmax(1), weak_right["logits"].argmax(1)
         # 2. CutMix: images, both label maps and validity pasted with the same masks.
         valid = valid_pixels(unlabeled, x_u)
@@ -151,13 +159,21 @@ class CPS(MethodBase):
         masks = box_masks(
             b, h, w, (c.mix_area_range[0], c.mix_area_range[1]), c.mix_boxes, x_u.device
         )
-        x_m, from_left, from_right, valid_m = paste_from_partner(
-            masks, x_u, from_left, from_right, valid
-        )
-        # 3. Both networks on labelled and mixed images in one pass.
-        left, right = NetworkPair.split(self.run_student(torch.cat([x_l, x_m])))
-        left_l, left_u = split_outputs(left, n)
-        right_l, right_u = split_outputs(right, n)
+        if c.release_passes:
+            # The partner's labels from its own pass, the mixed then the labelled images.
+            x_m, valid_m = paste_from_partner(masks, x_u, valid)
+            from_left = torch.where(masks, partner[0]["logits"].argmax(1), from_left)
+            from_right = torch.where(masks, partner[1]["logits"].argmax(1), from_right)
+            left_u, right_u = NetworkPair.split(self.run_student(x_m))
+            left_l, right_l = NetworkPair.split(self.run_student(x_l))
+        else:
+            x_m, from_left, from_right, valid_m = paste_from_partner(
+                masks, x_u, from_left, from_right, valid
+            )
+            # 3. Both networks on labelled and mixed images in one pass.
+            left, right = NetworkPair.split(self.run_student(torch.cat([x_l, x_m])))
+            left_l, left_u = split_outputs(left, n)
+            right_l, right_u = split_outputs(right, n)
         loss_sup, logs = self.both_supervised(left_l, right_l, y_l)
         # 4. Cross supervision: each network learns the other's labels.
         loss_left = masked_cross_entropy(left_u["logits"], from_right, valid_m, valid_m)

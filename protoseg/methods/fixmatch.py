@@ -8,7 +8,8 @@ it shares with the labelled batch, detached (lines 146-151; ``teacher: self``), 
 teacher's (``teacher: ema``, this module's option). UniMatch takes the pseudo-labels
 pasted inside a box from an eval-mode prediction of a second unlabelled batch (lines
 132-137); here the partner is image (i + 1) mod B of the same batch and its pseudo-labels
-come from the same pass as the image's own (see ``components.weak_strong``).
+come from the same pass as the image's own (see ``components.weak_strong``), or with
+``partner_labels: eval_pass`` from an eval-mode pass as in UniMatch.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from protoseg.components import (
     confident,
     confident_fraction,
     cutmix_boxes,
+    eval_pass_labels,
     hard_labels,
     masked_cross_entropy,
     strong_view,
@@ -93,7 +95,12 @@ class FixMatch(MethodBase):
         #    brings the partner's pseudo-labels along. It never feeds the pseudo-labels.
         b, _, h, w = x_w.shape
         boxes = cutmix_boxes(c.mix_box, c.mix_prob, b, h, w, x_w.device)
-        x_s, y_s, conf_s, valid_s = strong_view(self.photometric, boxes, x_w, labels, conf, valid)
+        partner = None
+        if c.partner_labels == "eval_pass" and self.teacher is None:
+            partner = eval_pass_labels(self.student, self.run_student, x_w)
+        x_s, y_s, conf_s, valid_s = strong_view(
+            self.photometric, boxes, x_w, labels, conf, valid, partner
+        )
         keep = confident(conf_s, c.confidence_threshold, valid_s)
         # 3. The student on the strong view (its own pass, as in UniMatch's fixmatch.py).
         out_s = self.run_student(x_s)

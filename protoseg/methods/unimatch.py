@@ -13,7 +13,8 @@ EMA teacher; the student is deployed.
 UniMatch takes the pseudo-labels pasted inside a box from an eval-mode prediction of a
 second unlabelled batch (lines 135-140, 166-172); here the partner is image (i + 1) mod B
 of the same batch and its pseudo-labels come from the same pass as the image's own (see
-``components.weak_strong``).
+``components.weak_strong``), or with ``partner_labels: eval_pass`` from an eval-mode pass as
+in UniMatch.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from protoseg.components import (
     confident,
     confident_fraction,
     cutmix_boxes,
+    eval_pass_labels,
     hard_labels,
     masked_cross_entropy,
     strong_view,
@@ -90,10 +92,13 @@ class UniMatch(MethodBase):
         keep_w = confident(conf, c.confidence_threshold, valid)
         # 2. Two strong views, each with its own photometric draws and CutMix boxes.
         b, _, h, w = x_w.shape
+        partner = None
+        if c.partner_labels == "eval_pass":
+            partner = eval_pass_labels(self.student, self.run_student, x_w)
         views = []
         for _ in range(2):
             boxes = cutmix_boxes(c.mix_box, c.mix_prob, b, h, w, x_w.device)
-            views.append(strong_view(self.photometric, boxes, x_w, labels, conf, valid))
+            views.append(strong_view(self.photometric, boxes, x_w, labels, conf, valid, partner))
         # 3. The student on both strong views in one pass (UniMatch line 155).
         out_s1, out_s2 = split_outputs(self.run_student(torch.cat([v[0] for v in views])), b)
         # 4. The losses, each unlabelled one over confident real pixels.
