@@ -85,6 +85,10 @@ class ViTConfig:
     # Attention through F.scaled_dot_product_attention (timm's fused path); False runs the
     # explicit softmax(q k^T) v, as UniMatch V2's code does without xFormers.
     fused_attention: bool = True
+    # How DINOv2's absolute position embeddings follow a patch grid other than 37 x 37:
+    # "timm" (bicubic to the grid, antialiased) or "dinov2" (Meta's code, which UniMatch V2
+    # runs: bicubic by the factor (grid + 0.1) / 37, no antialias). Equal at 518 x 518.
+    position_resize: str = "timm"
     # Extra keyword arguments for timm.create_model of the encoder (e.g. drop_path_rate, or
     # embed_dim/depth/num_heads for a small test encoder).
     encoder_args: dict[str, Any] = field(default_factory=dict)
@@ -250,6 +254,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "eval.miou": ("nanmean", "release"),
     "eval.merge": ("logits", "probabilities"),
 }
+# Nested blocks' choices, checked with their own section.
+_VIT_CHOICES: dict[str, tuple[str, ...]] = {"position_resize": ("timm", "dinov2")}
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -377,6 +383,11 @@ _VIT_OWN_ARGS = ("pretrained", "num_classes", "dynamic_img_size", "dynamic_img_p
 
 def _validate_vit(vit: ViTConfig) -> None:
     """Check ``model.vit`` (the encoder's depth is checked when the network is built)."""
+    for key, allowed in _VIT_CHOICES.items():
+        if getattr(vit, key) not in allowed:
+            raise ConfigError(
+                f"model.vit.{key}={getattr(vit, key)!r}: choose one of {', '.join(allowed)}"
+            )
     if vit.blocks and (
         len(vit.blocks) != 4
         or min(vit.blocks) < 0

@@ -3,6 +3,7 @@ real sizes' parameter counts on the meta device, weights files, and the one-GPU 
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any, ClassVar
@@ -358,3 +359,38 @@ def test_config_reads_the_vit_block() -> None:
         ["data.root=data", "model.name=vit_dpt", "model.vit.checkpointing=true"],
     )
     assert cfg.model.vit.checkpointing and cfg.model.vit.blocks == []
+
+
+# --- position embeddings off the native grid ---------------------------------------------
+
+
+def test_dinov2_position_resize_changes_only_off_the_native_grid() -> None:
+    timm_mode = build_tiny().eval()
+    dinov2_mode = build_tiny(position_resize="dinov2").eval()
+    native, other = images(70, 70), images(42, 98)
+    with torch.no_grad():
+        torch.testing.assert_close(dinov2_mode(native)["logits"], timm_mode(native)["logits"])
+        a, b = dinov2_mode(other)["logits"], timm_mode(other)["logits"]
+    assert a.shape == b.shape == (2, 3, 42, 98)
+    assert not torch.allclose(a, b)
+
+
+def test_dinov2_position_resize_survives_deepcopy() -> None:
+    # An EMA teacher is a deepcopy: its resampling must stay bound to its own weights.
+    model = build_tiny(position_resize="dinov2").eval()
+    teacher = copy.deepcopy(model)
+    assert teacher.backbone.trunk._pos_embed.__self__ is teacher.backbone.trunk
+    x = images(42, 98)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x)["logits"], model(x)["logits"])
+        teacher.backbone.trunk.pos_embed.mul_(0)
+        assert not torch.allclose(teacher(x)["logits"], model(x)["logits"])
+
+
+def test_dinov2_position_resize_needs_absolute_positions() -> None:
+    with pytest.raises(ModelError, match="needs absolute position embeddings"):
+        ViTDPT(
+            3,
+            backbone=TINY_DINOV3,
+            vit=ViTConfig(**NARROW, encoder_args=TINY_ARGS, position_resize="dinov2"),
+        )

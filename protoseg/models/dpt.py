@@ -192,6 +192,7 @@ class ViTDPT(nn.Module):
             blocks=settings.blocks,
             checkpointing=settings.checkpointing,
             fused_attention=settings.fused_attention,
+            position_resize=settings.position_resize,
             encoder_args=settings.encoder_args,
         )
         features, out_channels = dpt_widths(

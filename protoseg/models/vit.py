@@ -13,11 +13,15 @@ inputs of other sizes are zero-padded at the bottom and right by the network.
 from __future__ import annotations
 
 import difflib
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import timm
+import torch
+import torch.nn.functional as F
 from timm.models import is_model_in_modules, split_model_name_tag
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from protoseg.models.errors import ModelError
@@ -36,6 +40,10 @@ UNIMATCH_V2_BLOCKS: dict[int, tuple[int, int, int, int]] = {
     24: (4, 11, 17, 23),
     40: (9, 19, 29, 39),
 }
+# The ways position embeddings follow a grid other than the native one (see ViTEncoder).
+POSITION_RESIZES = ("timm", "dinov2")
+# Meta's DINOv2 adds this to the target grid before dividing by the native one.
+DINOV2_OFFSET = 0.1
 # timm.create_model arguments the encoder sets itself.
 _OWN_ARGS = ("pretrained", "num_classes", "dynamic_img_size", "dynamic_img_pad")
 
@@ -67,6 +75,10 @@ class ViTEncoder(nn.Module):
         blocks: four 0-based block indices, shallow to deep; empty = :func:`default_blocks`.
         checkpointing: recompute every block in the backward pass.
         fused_attention: attention through ``F.scaled_dot_product_attention``.
+        position_resize: how absolute position embeddings follow another patch grid:
+            "timm" (bicubic to the grid, antialiased) or "dinov2" (Meta's DINOv2 code, as
+            UniMatch V2 runs it: bicubic by the factor (grid + 0.1) / native grid, no
+            antialias). Equal on the native grid (37 x 37 for DINOv2 at 518 px).
         encoder_args: more keyword arguments for ``timm.create_model``.
     """
 
@@ -77,6 +89,7 @@ class ViTEncoder(nn.Module):
         blocks: Sequence[int] = (),
         checkpointing: bool = False,
         fused_attention: bool = True,
+        position_resize: str = "timm",
         encoder_args: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -100,6 +113,14 @@ class ViTEncoder(nn.Module):
                 f"{list(default_blocks(self.depth))}"
             )
         self.blocks: tuple[int, ...] = chosen
+        if position_resize not in POSITION_RESIZES:
+            raise ModelError(
+                f"model.vit.position_resize={position_resize!r}: choose one of "
+                f"{', '.join(POSITION_RESIZES)}"
+            )
+        if position_resize == "dinov2":
+            _use_dinov2_position_resize(self.trunk, name)
+        self.position_resize = position_resize
         self.set_grad_checkpointing(checkpointing)
         self.set_fused_attention(fused_attention)
 
@@ -134,6 +155,50 @@ class ViTEncoder(nn.Module):
             x, indices=list(self.blocks), norm=True, output_fmt="NCHW", intermediates_only=True
         )
         return list(maps)
+
+
+def _dinov2_resample(pos: Tensor, grid: tuple[int, int], native: tuple[int, int]) -> Tensor:
+    """Patch position embeddings ``(1, N, C)`` on ``native`` resampled to ``grid`` as Meta's
+    DINOv2 ``interpolate_pos_encoding`` does (offset 0.1 against float round-off)."""
+    if tuple(grid) == tuple(native):
+        return pos
+    channels = pos.shape[-1]
+    square = pos.float().reshape(1, native[0], native[1], channels).permute(0, 3, 1, 2)
+    factor = ((grid[0] + DINOV2_OFFSET) / native[0], (grid[1] + DINOV2_OFFSET) / native[1])
+    out = F.interpolate(square, scale_factor=factor, mode="bicubic", antialias=False)
+    if tuple(out.shape[-2:]) != tuple(grid):
+        raise RuntimeError(f"position resampling gave {tuple(out.shape[-2:])}, not {grid}")
+    return out.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], channels).to(pos.dtype)
+
+
+def _dinov2_pos_embed(self: Any, x: Tensor) -> Tensor:
+    """timm's ``VisionTransformer._pos_embed`` (dynamic size) with DINOv2's resampling."""
+    batch, height, width, channels = x.shape
+    prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+    patch_pos = _dinov2_resample(
+        self.pos_embed[:, prefix:], (height, width), tuple(self.patch_embed.grid_size)
+    )
+    pos = torch.cat([self.pos_embed[:, :prefix], patch_pos], dim=1)
+    tokens = [t.expand(batch, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+    x = x.reshape(batch, -1, channels)
+    if self.no_embed_class:
+        # Registers (and the class token) carry no position: add, then prepend them.
+        x = torch.cat([*tokens, x + pos], dim=1)
+    else:
+        x = torch.cat([*tokens, x], dim=1) + pos
+    return self.pos_drop(x)
+
+
+def _use_dinov2_position_resize(trunk: nn.Module, name: str) -> None:
+    """Make ``trunk`` resample its position embeddings as DINOv2's own code does."""
+    if not isinstance(trunk, VisionTransformer) or trunk.pos_embed is None:
+        raise ModelError(
+            f"model.vit.position_resize=dinov2 needs absolute position embeddings; {name!r} "
+            "has none (DINOv3 uses rotary ones): use position_resize=timm"
+        )
+    # An instance attribute shadows the class's method; deepcopy (an EMA teacher) rebinds
+    # it to the copy.
+    trunk._pos_embed = types.MethodType(_dinov2_pos_embed, trunk)  # type: ignore[method-assign]
 
 
 def _build_vit(name: str, pretrained: str, args: dict[str, Any]) -> nn.Module:
