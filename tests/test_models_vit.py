@@ -14,7 +14,15 @@ from model_contract import ModelTester
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from protoseg.config import ConfigError, ModelConfig, ViTConfig, load_config
+from protoseg.config import (
+    ConfigError,
+    ModelConfig,
+    ViTConfig,
+    from_dict,
+    load_config,
+    recipe_changes,
+    to_dict,
+)
 from protoseg.models import ModelError, ViTDPT, count_parameters, create_model
 from protoseg.models.vit import default_blocks
 
@@ -394,3 +402,48 @@ def test_dinov2_position_resize_needs_absolute_positions() -> None:
             backbone=TINY_DINOV3,
             vit=ViTConfig(**NARROW, encoder_args=TINY_ARGS, position_resize="dinov2"),
         )
+
+
+def test_perturb_adds_perturbed_logits_as_deeplab_does() -> None:
+    # UniMatch V1's feature-perturbation stream runs on vit_dpt unchanged.
+    model = build_tiny().eval()
+    x = images(28, 42)
+    with torch.no_grad():
+        plain = model(x)
+        same = model(x, perturb=lambda m: m)
+        zero = model(x, perturb=torch.zeros_like)
+        dropped = model(x, feature_transform=lambda maps: [torch.zeros_like(m) for m in maps])
+    assert set(same) == {"logits", "features", "perturbed_logits"}
+    torch.testing.assert_close(same["logits"], plain["logits"])
+    torch.testing.assert_close(same["perturbed_logits"], plain["logits"])
+    torch.testing.assert_close(zero["logits"], plain["logits"])
+    torch.testing.assert_close(zero["perturbed_logits"], dropped["logits"])
+
+
+def test_loads_a_dinov3_safetensors_file(tmp_path: Path) -> None:
+    vit = ViTConfig(**NARROW, encoder_args=TINY_ARGS)
+    torch.manual_seed(1)
+    source = ViTDPT(3, backbone=TINY_DINOV3, vit=vit)
+    path = tmp_path / "dinov3.safetensors"
+    save_file(source.backbone.trunk.state_dict(), str(path))
+    torch.manual_seed(2)
+    model = ViTDPT(3, backbone=TINY_DINOV3, pretrained=str(path), vit=vit)
+    _equal_encoders(model.backbone.trunk, source.backbone.trunk)
+
+
+def test_the_vit_block_survives_a_checkpoint_round_trip() -> None:
+    cfg = load_config(
+        None,
+        ["data.root=data", "model.name=vit_dpt", "model.vit.blocks=[1,3,5,7]"]
+        + ["model.vit.encoder_args.drop_path_rate=0.1", "model.vit.position_resize=dinov2"],
+    )
+    back = from_dict(to_dict(cfg))
+    assert back.model.vit == cfg.model.vit
+    assert back.model.vit.encoder_args == {"drop_path_rate": 0.1}
+    # Memory switches may change on resume; the blocks may not.
+    saved = to_dict(cfg)
+    changed = to_dict(load_config(None, ["data.root=data", "model.name=vit_dpt"]))
+    changed["model"]["vit"] = {**saved["model"]["vit"], "checkpointing": True}
+    assert recipe_changes(saved, changed) == []
+    changed["model"]["vit"]["blocks"] = [2, 5, 8, 11]
+    assert recipe_changes(saved, changed) == ["model.vit.blocks: [1, 3, 5, 7] -> [2, 5, 8, 11]"]

@@ -205,16 +205,23 @@ class ViTDPT(nn.Module):
     def forward(
         self,
         x: Tensor,
+        perturb: Callable[[Tensor], Tensor] | None = None,
         feature_transform: FeatureMapTransform | None = None,
     ) -> dict[str, Tensor]:
         """Return ``logits`` at the input size and the DPT ``features`` (8x the patch grid).
 
         An input whose sides are not multiples of the patch size is zero-padded at the
         bottom and right (zero is the dataset mean after normalisation) and the logits are
-        cropped back. ``feature_transform`` replaces the four encoder maps before the
-        decoder (UniMatch V2's complementary dropout multiplies them by a (B, C) mask).
+        cropped back.
+
+        ``feature_transform`` replaces the four encoder maps before the decoder (UniMatch
+        V2's complementary dropout multiplies them by one (B, C) mask). ``perturb`` keeps
+        DeepLabv3+'s contract (UniMatch V1's feature-perturbation stream): the decoder also
+        runs on ``perturb`` of each encoder map, in the same batch, and the output gains
+        ``perturbed_logits``.
         """
         h, w = x.shape[-2:]
+        n = x.shape[0]
         p = self.patch_size
         pad_h, pad_w = -h % p, -w % p
         if pad_h or pad_w:
@@ -222,9 +229,14 @@ class ViTDPT(nn.Module):
         maps = self.backbone(x)
         if feature_transform is not None:
             maps = _checked_transform(feature_transform, maps)
+        if perturb is not None:
+            maps = [torch.cat([m, perturb(m)]) for m in maps]
         features = self.head.decode(maps)
-        logits = _resize(self.head.classifier(features), x.shape[-2:])
-        return {"logits": logits[:, :, :h, :w], "features": features}
+        logits = _resize(self.head.classifier(features), x.shape[-2:])[:, :, :h, :w]
+        out = {"logits": logits[:n], "features": features[:n]}
+        if perturb is not None:
+            out["perturbed_logits"] = logits[n:]
+        return out
 
     def classify(self, features: Tensor) -> Tensor:
         """Apply the output convs to a feature map, without upsampling."""
