@@ -28,6 +28,7 @@ It also writes UniMatch V2's tensor names and shapes (``tests/data/unimatch_v2_n
 Usage (CPU, a few minutes for S and B)::
 
     git clone https://github.com/LiheYoung/UniMatch-V2 /tmp/src/unimatch-v2
+    git -C /tmp/src/unimatch-v2 checkout f6afb4d
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 PYTHONPATH=$PWD python tools/unimatch_v2_parity.py \\
         --src /tmp/src/unimatch-v2 --work /tmp/um2-parity --names-dir tests/data
 """
