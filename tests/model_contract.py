@@ -1,12 +1,15 @@
-"""The contract every registered segmentation network keeps, as a test base class.
+"""The contract every registered segmentation network keeps, as test base classes.
 
 A configuration joins in one line::
 
-    class TestMyNet(ModelTester):
+    class TestMyNet(DeepLabTester):
         kwargs = {"backbone": "test_resnet", "output_stride": 16}
 
-and inherits every check below. Configurations should use timm's tiny test models so that
-each check runs in a fraction of a second.
+and inherits every check below: ``ModelTester`` holds what every network keeps (the
+outputs methods and the prototype branch read, ``classify``, parameter groups, config
+building); ``DeepLabTester`` adds DeepLabv3+'s auxiliary head and output strides.
+Configurations should use timm's tiny test models so that each check runs in a fraction
+of a second.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ class ModelTester:
     odd_size: ClassVar[tuple[int, int]] = (33, 47)
     # BatchNorm in train mode needs more than one value per channel after image pooling.
     batch: ClassVar[int] = 2
+    # Settings that switch on every optional head, for the backward check.
+    all_heads: ClassVar[dict[str, Any]] = {}
+    # Parameters at the end of the head group that belong to output layers (weight, bias).
+    output_parameters: ClassVar[int] = 2
 
     def build(self, seed: int = 0, **overrides: Any) -> nn.Module:
         """Build the configuration (plus ``overrides``) from a fixed seed."""
@@ -47,21 +54,14 @@ class ModelTester:
         generator = torch.Generator().manual_seed(seed)
         return torch.randn(self.batch, 3, height, width, generator=generator)
 
-    @property
-    def output_stride(self) -> int:
-        """The configuration's output stride (the network's default when not given)."""
-        default = inspect.signature(MODELS[self.model_name]).parameters["output_stride"].default
-        return int(self.kwargs.get("output_stride", default))
+    def feature_size(self, model: nn.Module, size: tuple[int, int]) -> tuple[int, int]:
+        """The spatial size of ``features`` for an input of ``size``."""
+        raise NotImplementedError
 
     @pytest.fixture(scope="class")
     def model(self) -> nn.Module:
         """The configuration in eval mode, shared by the checks that do not change it."""
         return self.build().eval()
-
-    @pytest.fixture(scope="class")
-    def aux_model(self) -> nn.Module:
-        """The configuration with the auxiliary head; checks set the mode they need."""
-        return self.build(aux_head=True)
 
     def test_create_model_from_config_builds_the_same_network(self, model: nn.Module) -> None:
         cfg = ModelConfig(name=self.model_name, **self.kwargs)
@@ -84,7 +84,85 @@ class ModelTester:
             out = model(self.inputs())
         assert set(out) == {"logits", "features"}
         assert out["logits"].shape == (self.batch, self.num_classes, height, width)
-        assert out["features"].shape == (self.batch, model.feature_dim, height // 4, width // 4)
+        expected = (self.batch, model.feature_dim, *self.feature_size(model, self.size))
+        assert out["features"].shape == expected
+
+    def test_odd_input_size_in_train_mode_gives_logits_at_that_size(self) -> None:
+        model = self.build().train()
+        with torch.no_grad():
+            out = model(self.inputs(self.odd_size))
+        assert out["logits"].shape == (self.batch, self.num_classes, *self.odd_size)
+        assert out["features"].shape[:2] == (self.batch, model.feature_dim)
+
+    def test_param_groups_partition_parameters(self, model: nn.Module) -> None:
+        backbone, head = model.param_groups()
+        assert backbone and head
+        ids = [id(p) for p in backbone + head]
+        assert len(ids) == len(set(ids))
+        assert set(ids) == {id(p) for p in model.parameters()}
+        assert {id(p) for p in backbone} == {id(p) for p in model.backbone.parameters()}
+
+    def test_eval_is_deterministic(self, model: nn.Module) -> None:
+        with torch.no_grad():
+            first, second = model(self.inputs()), model(self.inputs())
+        for key in first:
+            assert torch.equal(first[key], second[key]), key
+
+    def test_classify_reproduces_logits(self, model: nn.Module) -> None:
+        with torch.no_grad():
+            out = model(self.inputs())
+            head = model.classify(out["features"])
+        assert head.shape == (self.batch, self.num_classes, *out["features"].shape[-2:])
+        up = F.interpolate(head, size=self.size, mode="bilinear", align_corners=True)
+        torch.testing.assert_close(up, out["logits"])
+
+    def test_backward_reaches_backbone_and_heads(self) -> None:
+        model = self.build(**self.all_heads).train()
+        out = model(self.inputs())
+        loss = sum(v.square().mean() for k, v in out.items() if k != "features")
+        assert isinstance(loss, Tensor)
+        loss.backward()
+        no_grad = [name for name, p in model.named_parameters() if p.grad is None]
+        assert not no_grad
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        # The stem is furthest from the loss: a gradient there went through every level.
+        stem = next(model.backbone.parameters())
+        assert stem.grad.abs().sum() > 0
+        # The last parameters of the head group are the classifiers' output layers.
+        _, head = model.param_groups()
+        assert all(p.grad.abs().sum() > 0 for p in head[-self.output_parameters :])
+
+    def test_state_dict_round_trip(self, model: nn.Module) -> None:
+        other = self.build(seed=1).eval()
+        x = self.inputs()
+        with torch.no_grad():
+            assert not torch.equal(other(x)["logits"], model(x)["logits"])
+            other.load_state_dict(model.state_dict())
+            assert torch.equal(other(x)["logits"], model(x)["logits"])
+        assert list(other.state_dict()) == list(model.state_dict())
+
+
+class DeepLabTester(ModelTester):
+    """ModelTester plus DeepLabv3+'s auxiliary head and output-stride checks."""
+
+    all_heads: ClassVar[dict[str, Any]] = {"aux_head": True}
+    # The main classifier's and the aux head's output convs.
+    output_parameters: ClassVar[int] = 4
+
+    @property
+    def output_stride(self) -> int:
+        """The configuration's output stride (the network's default when not given)."""
+        default = inspect.signature(MODELS[self.model_name]).parameters["output_stride"].default
+        return int(self.kwargs.get("output_stride", default))
+
+    def feature_size(self, model: nn.Module, size: tuple[int, int]) -> tuple[int, int]:
+        """DeepLabv3+'s features are the stride-4 low-level map."""
+        return size[0] // 4, size[1] // 4
+
+    @pytest.fixture(scope="class")
+    def aux_model(self) -> nn.Module:
+        """The configuration with the auxiliary head; checks set the mode they need."""
+        return self.build(aux_head=True)
 
     def test_odd_input_size_in_train_mode(self, aux_model: nn.Module) -> None:
         model = aux_model.train()
@@ -105,13 +183,10 @@ class ModelTester:
             assert out["aux"].shape == (self.batch, self.num_classes, *self.size)
             assert out["logits"].shape == out["aux"].shape
 
-    def test_param_groups_partition_parameters(self, aux_model: nn.Module) -> None:
+    def test_param_groups_include_the_aux_head(self, aux_model: nn.Module) -> None:
         backbone, head = aux_model.param_groups()
-        assert backbone and head
-        ids = [id(p) for p in backbone + head]
-        assert len(ids) == len(set(ids))
-        assert set(ids) == {id(p) for p in aux_model.parameters()}
-        assert {id(p) for p in backbone} == {id(p) for p in aux_model.backbone.parameters()}
+        assert {id(p) for p in backbone + head} == {id(p) for p in aux_model.parameters()}
+        assert {id(p) for p in aux_model.aux.parameters()} <= {id(p) for p in head}
 
     def test_output_stride(self, model: nn.Module) -> None:
         stride = self.output_stride
@@ -121,40 +196,3 @@ class ModelTester:
             levels = model.backbone(self.inputs())
         for level, reduction in zip(levels, model.backbone.reductions):
             assert level.shape[-2:] == (height // reduction, width // reduction)
-
-    def test_eval_is_deterministic(self, model: nn.Module) -> None:
-        with torch.no_grad():
-            first, second = model(self.inputs()), model(self.inputs())
-        for key in first:
-            assert torch.equal(first[key], second[key]), key
-
-    def test_classify_reproduces_logits(self, model: nn.Module) -> None:
-        with torch.no_grad():
-            out = model(self.inputs())
-            head = model.classify(out["features"])
-        assert head.shape == (self.batch, self.num_classes, *out["features"].shape[-2:])
-        up = F.interpolate(head, size=self.size, mode="bilinear", align_corners=True)
-        torch.testing.assert_close(up, out["logits"])
-
-    def test_backward_reaches_backbone_and_heads(self) -> None:
-        model = self.build(aux_head=True).train()
-        out = model(self.inputs())
-        (out["logits"].square().mean() + out["aux"].square().mean()).backward()
-        no_grad = [name for name, p in model.named_parameters() if p.grad is None]
-        assert not no_grad
-        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-        # The stem is furthest from the loss: a gradient there went through every level.
-        stem = next(model.backbone.parameters())
-        assert stem.grad.abs().sum() > 0
-        # The last parameters of the head group are the classifiers' output layers.
-        _, head = model.param_groups()
-        assert all(p.grad.abs().sum() > 0 for p in head[-4:])
-
-    def test_state_dict_round_trip(self, model: nn.Module) -> None:
-        other = self.build(seed=1).eval()
-        x = self.inputs()
-        with torch.no_grad():
-            assert not torch.equal(other(x)["logits"], model(x)["logits"])
-            other.load_state_dict(model.state_dict())
-            assert torch.equal(other(x)["logits"], model(x)["logits"])
-        assert list(other.state_dict()) == list(model.state_dict())

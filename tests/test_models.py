@@ -21,6 +21,7 @@ from protoseg.models import (
     Backbone,
     DeepLabV3Plus,
     ModelError,
+    ViTDPT,
     count_parameters,
     create_model,
     register_model,
@@ -163,11 +164,17 @@ def test_backbone_reports_timm_channels() -> None:
 
 
 def test_config_fields_are_the_network_arguments() -> None:
-    # create_model passes every ModelConfig field but these; a field added to one side
-    # only would be a TypeError or silently never reach the network.
-    params = inspect.signature(DeepLabV3Plus).parameters
+    # create_model passes each network the ModelConfig fields its constructor names; a
+    # field no network takes would never reach one, an argument without a field could not
+    # be configured.
     fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
-    assert set(params) - {"num_classes"} == set(fields) - CONFIG_ONLY_FIELDS
+    taken: set[str] = set()
+    for cls in (DeepLabV3Plus, ViTDPT):
+        names = set(inspect.signature(cls).parameters) - {"num_classes"}
+        assert names <= set(fields) - CONFIG_ONLY_FIELDS, cls.__name__
+        taken |= names
+    assert taken == set(fields) - CONFIG_ONLY_FIELDS
+    params = inspect.signature(DeepLabV3Plus).parameters
     defaults = ModelConfig()
     for name in set(params) - {"num_classes"}:
         assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name

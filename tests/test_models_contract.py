@@ -1,4 +1,4 @@
-"""Every registered network configuration runs the ModelTester contract (model_contract.py).
+"""Every DeepLabv3+ configuration runs the DeepLabTester contract (model_contract.py).
 
 The backbones are timm's tiny test models (and resnet10t), so each check takes well under a
 second; the release's resnet101s network is checked once, in test_models.py.
@@ -6,26 +6,26 @@ second; the release's resnet101s network is checked once, in test_models.py.
 
 from __future__ import annotations
 
-from model_contract import ModelTester
+from model_contract import DeepLabTester
 
 # A narrow decoder keeps the tiny backbones' checks fast; the release's widths (the
 # defaults) are checked on test_resnet at stride 8 and on resnet10t.
 NARROW = {"aspp_channels": 32, "low_level_channels": 16, "head_channels": 32}
 
 
-class TestTinyResNetOS8(ModelTester):
+class TestTinyResNetOS8(DeepLabTester):
     kwargs = {"backbone": "test_resnet"}
 
 
-class TestTinyResNetOS16(ModelTester):
+class TestTinyResNetOS16(DeepLabTester):
     kwargs = {"backbone": "test_resnet", "output_stride": 16, **NARROW}
 
 
-class TestTinyResNetOS32(ModelTester):
+class TestTinyResNetOS32(DeepLabTester):
     kwargs = {"backbone": "test_resnet", "output_stride": 32, **NARROW}
 
 
-class TestTinyResNetCustomDecoder(ModelTester):
+class TestTinyResNetCustomDecoder(DeepLabTester):
     kwargs = {
         "backbone": "test_resnet",
         "aspp_channels": 32,
@@ -37,21 +37,21 @@ class TestTinyResNetCustomDecoder(ModelTester):
     }
 
 
-class TestTinyEfficientNetOS16(ModelTester):
+class TestTinyEfficientNetOS16(DeepLabTester):
     kwargs = {"backbone": "test_efficientnet", "output_stride": 16, **NARROW}
 
 
-class TestTinyConvNeXtOS8(ModelTester):
+class TestTinyConvNeXtOS8(DeepLabTester):
     kwargs = {"backbone": "test_convnext", **NARROW}
 
 
-class TestTinyByobNetOS16(ModelTester):
+class TestTinyByobNetOS16(DeepLabTester):
     kwargs = {"backbone": "test_byobnet", "output_stride": 16, **NARROW}
 
 
-class TestTinyNFNetOS8(ModelTester):
+class TestTinyNFNetOS8(DeepLabTester):
     kwargs = {"backbone": "test_nfnet", **NARROW}
 
 
-class TestResNet10tOS8(ModelTester):
+class TestResNet10tOS8(DeepLabTester):
     kwargs = {"backbone": "resnet10t"}

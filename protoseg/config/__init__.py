@@ -68,10 +68,38 @@ class DataConfig:
 
 
 @dataclass
+class ViTConfig:
+    """Settings only the ``vit_dpt`` network has: a timm ViT encoder and UniMatch V2's DPT."""
+
+    # 0-based encoder blocks whose (normed) tokens feed the DPT's four levels, shallow to
+    # deep; empty = UniMatch V2's choice by depth (12: 2,5,8,11; 24: 4,11,17,23; 40:
+    # 9,19,29,39; other depths: the last block of each quarter).
+    blocks: list[int] = field(default_factory=list)
+    # DPT widths; 0 / empty = UniMatch V2's for the encoder width (384: 64 and 48,96,192,384;
+    # 768: 128 and 96,192,384,768; 1024: 256 and 256,512,1024,1024; 1536: 384 and 1536 x 4).
+    features: int = 0
+    out_channels: list[int] = field(default_factory=list)
+    # Recompute each encoder block in the backward pass (timm's set_grad_checkpointing):
+    # activation memory of one block instead of all, for about a third more step time.
+    checkpointing: bool = False
+    # Attention through F.scaled_dot_product_attention (timm's fused path); False runs the
+    # explicit softmax(q k^T) v, as UniMatch V2's code does without xFormers.
+    fused_attention: bool = True
+    # How DINOv2's absolute position embeddings follow a patch grid other than 37 x 37:
+    # "timm" (bicubic to the grid, antialiased) or "dinov2" (Meta's code, which UniMatch V2
+    # runs: bicubic by the factor (grid + 0.1) / 37, no antialias). Equal at 518 x 518.
+    position_resize: str = "timm"
+    # Extra keyword arguments for timm.create_model of the encoder (e.g. drop_path_rate, or
+    # embed_dim/depth/num_heads for a small test encoder).
+    encoder_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class ModelConfig:
     """The segmentation network."""
 
     name: str = "deeplabv3plus"
+    # A timm name: a CNN for deeplabv3plus, a ViT (e.g. vit_base_patch14_dinov2) for vit_dpt.
     backbone: str = "resnet101s"
     # "" = random init; "imagenet" = the timm hub weights of ``backbone``; a timm tag such as
     # "resnet101s.gluon_in1k"; or a local file path (.pth/.bin/.safetensors).
@@ -87,6 +115,8 @@ class ModelConfig:
     aux_head: bool = False
     # Convert BatchNorm to SyncBatchNorm when training distributed on CUDA.
     sync_bn: bool = True
+    # Settings of the vit_dpt network (unused by deeplabv3plus).
+    vit: ViTConfig = field(default_factory=ViTConfig)
 
 
 @dataclass
@@ -195,6 +225,14 @@ class EvalConfig:
     window: int = 769
     stride: int = 513
     windows_per_batch: int = 4
+    # How overlapping windows, flips and scales are combined: "logits" averages raw logits;
+    # "probabilities" averages softmax probabilities (UniMatch V2 sums them; the argmax is
+    # the same) and returns their log, so a softmax of the result gives the mean.
+    merge: str = "logits"
+    # > 0: resize each view bilinearly to the nearest multiple of this (UniMatch V2 rounds
+    # H/14 and W/14 to the nearest integer) before the network, and the logits back after.
+    # 14 for a patch-14 ViT on whole images; 0 keeps the size.
+    resize_to_multiple: int = 0
     # Also report every other head of the method (e.g. PCR's prototype head).
     all_heads: bool = False
     flip: bool = False
@@ -226,7 +264,10 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.on_nonfinite": ("stop", "skip"),
     "eval.mode": ("whole", "sliding"),
     "eval.miou": ("nanmean", "release"),
+    "eval.merge": ("logits", "probabilities"),
 }
+# Nested blocks' choices, checked with their own section.
+_VIT_CHOICES: dict[str, tuple[str, ...]] = {"position_resize": ("timm", "dinov2")}
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -312,6 +353,7 @@ def validate(cfg: Config) -> Config:
             f"{cfg.model.output_stride}: the deepest feature map would be under 2 x 2 pixels; "
             f"use a crop of at least {2 * cfg.model.output_stride}"
         )
+    _validate_vit(cfg.model.vit)
     lo, hi = (cfg.data.scale_range + [0, 0])[:2]
     if len(cfg.data.scale_range) != 2 or not 0 < lo <= hi:
         raise ConfigError("data.scale_range must be [min, max] with 0 < min <= max")
@@ -319,6 +361,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"data.scale_sampling=split draws below and above 1, but data.scale_range="
             f"{cfg.data.scale_range} does not contain 1; widen it or use uniform"
+        )
+    if cfg.eval.resize_to_multiple < 0:
+        raise ConfigError(
+            f"eval.resize_to_multiple={cfg.eval.resize_to_multiple} must be >= 0 (0 = keep the "
+            "size; 14 for a patch-14 ViT)"
         )
     if cfg.train.ohem_min_kept < 0:
         raise ConfigError(f"train.ohem_min_kept={cfg.train.ohem_min_kept} must be >= 0")
@@ -346,6 +393,41 @@ def validate(cfg: Config) -> Config:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return cfg
+
+
+# Arguments of timm.create_model that the vit_dpt encoder sets itself.
+_VIT_OWN_ARGS = ("pretrained", "num_classes", "dynamic_img_size", "dynamic_img_pad")
+
+
+def _validate_vit(vit: ViTConfig) -> None:
+    """Check ``model.vit`` (the encoder's depth is checked when the network is built)."""
+    for key, allowed in _VIT_CHOICES.items():
+        if getattr(vit, key) not in allowed:
+            raise ConfigError(
+                f"model.vit.{key}={getattr(vit, key)!r}: choose one of {', '.join(allowed)}"
+            )
+    if vit.blocks and (
+        len(vit.blocks) != 4
+        or min(vit.blocks) < 0
+        or any(a >= b for a, b in zip(vit.blocks, vit.blocks[1:]))
+    ):
+        raise ConfigError(
+            f"model.vit.blocks={vit.blocks}: the DPT takes four encoder blocks, 0-based and "
+            "increasing, e.g. [2, 5, 8, 11]; or [] for UniMatch V2's choice by depth"
+        )
+    if vit.features < 0:
+        raise ConfigError(f"model.vit.features={vit.features} must be >= 0 (0 = by encoder width)")
+    if vit.out_channels and (len(vit.out_channels) != 4 or min(vit.out_channels) < 1):
+        raise ConfigError(
+            f"model.vit.out_channels={vit.out_channels}: give four positive widths, one per "
+            "DPT level, or [] for UniMatch V2's by encoder width"
+        )
+    taken = sorted(set(vit.encoder_args) & set(_VIT_OWN_ARGS))
+    if taken:
+        raise ConfigError(
+            f"model.vit.encoder_args sets {', '.join(taken)}, which vit_dpt sets itself; "
+            "remove them (weights come from model.pretrained)"
+        )
 
 
 def shipped_config_dir() -> Path:
@@ -492,7 +574,12 @@ RECIPE_KEYS: tuple[str, ...] = (
     "train.seed",
     "train.precision",
 )
-_RESUME_FREE_KEYS: tuple[str, ...] = ("model.pretrained",)
+# Memory and speed switches that leave the network's function unchanged are free too.
+_RESUME_FREE_KEYS: tuple[str, ...] = (
+    "model.pretrained",
+    "model.vit.checkpointing",
+    "model.vit.fused_attention",
+)
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

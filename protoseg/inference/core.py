@@ -7,6 +7,12 @@ by the number of windows covering each pixel. Test-time augmentation (horizontal
 several scales) averages raw logits: that is what the sliding-window protocol already does,
 for the argmax that follows the difference to averaging probabilities is negligible, and it
 keeps one code path.
+
+Two settings give UniMatch V2's protocol for patch-14 ViTs: ``resize_to_multiple: 14``
+resizes each view to the nearest multiple of 14 and the logits back (its VOC "original"
+mode), and ``merge: probabilities`` combines windows and views by their softmax
+probabilities (its Cityscapes 798/532 window sums them). The result is then the log of the
+mean probability: the same argmax as the sum, and a softmax of it gives the mean.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ def _window_starts(size: int, window: int, stride: int) -> list[int]:
 
 
 def _sliding_logits(model: nn.Module, x: Tensor, cfg: EvalConfig, num_classes: int) -> Tensor:
-    """Sum window logits over a canvas and divide by the per-pixel window count."""
+    """Sum window scores (``cfg.merge``) over a canvas and divide by the window count."""
     b, _, h, w = x.shape
     win, stride = cfg.window, cfg.stride
     pad_h, pad_w = max(win - h, 0), max(win - w, 0)
@@ -65,25 +71,53 @@ def _sliding_logits(model: nn.Module, x: Tensor, cfg: EvalConfig, num_classes: i
     for i in range(0, len(boxes), per_batch):
         chunk = boxes[i : i + per_batch]
         crops = torch.cat([x[:, :, y : y + win, x0 : x0 + win] for y, x0 in chunk], dim=0)
-        out = _model_logits(model, crops, num_classes)
+        out = _merge_scores(_model_logits(model, crops, num_classes), cfg)
         for j, (y, x0) in enumerate(chunk):
             canvas[:, :, y : y + win, x0 : x0 + win] += out[j * b : (j + 1) * b]
             count[:, :, y : y + win, x0 : x0 + win] += 1.0
     return (canvas / count)[:, :, :h, :w]
 
 
+def _merge_scores(logits: Tensor, cfg: EvalConfig) -> Tensor:
+    """What is summed over windows and views: the logits, or their softmax."""
+    if cfg.merge == "logits":
+        return logits
+    if cfg.merge == "probabilities":
+        return logits.softmax(dim=1)
+    raise ValueError(f"eval.merge={cfg.merge!r}: choose 'logits' or 'probabilities'")
+
+
+def nearest_multiple_size(size: tuple[int, int], multiple: int) -> tuple[int, int]:
+    """Each side rounded to the nearest multiple of ``multiple`` (halves up), at least one."""
+    return tuple(max(multiple, int(side / multiple + 0.5) * multiple) for side in size)  # type: ignore[return-value]
+
+
 def _single_pass(model: nn.Module, x: Tensor, cfg: EvalConfig, num_classes: int) -> Tensor:
-    """Logits for one view of the image under the configured mode."""
+    """Scores (logits or probabilities, per ``cfg.merge``) for one view at its own size."""
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    if cfg.resize_to_multiple > 0:
+        target = nearest_multiple_size(size, cfg.resize_to_multiple)
+        if target != size:
+            x = F.interpolate(x, size=target, mode="bilinear", align_corners=True)
     if cfg.mode == "whole":
-        return _model_logits(model, x, num_classes)
-    if cfg.mode == "sliding":
-        return _sliding_logits(model, x, cfg, num_classes)
-    raise ValueError(f"eval.mode={cfg.mode!r}: choose 'whole' or 'sliding'")
+        scores = _merge_scores(_model_logits(model, x, num_classes), cfg)
+    elif cfg.mode == "sliding":
+        scores = _sliding_logits(model, x, cfg, num_classes)
+    else:
+        raise ValueError(f"eval.mode={cfg.mode!r}: choose 'whole' or 'sliding'")
+    if scores.shape[-2:] != size:
+        # UniMatch V2 resizes the logits back; with merge=probabilities the resize runs on
+        # probabilities, which a bilinear resize keeps summing to one.
+        scores = F.interpolate(scores, size=size, mode="bilinear", align_corners=True)
+    return scores
 
 
 @torch.no_grad()
 def infer_logits(model: nn.Module, image: Tensor, cfg: EvalConfig, num_classes: int) -> Tensor:
-    """(B, C, H, W) float32 logits for a normalised (B, 3, H, W) batch, averaged over TTA views."""
+    """(B, C, H, W) float32 logits for a normalised (B, 3, H, W) batch, averaged over TTA views.
+
+    With ``cfg.merge == "probabilities"`` they are the log of the mean probabilities.
+    """
     if image.dim() != 4:
         raise ValueError(f"expected a (B, 3, H, W) batch, got shape {tuple(image.shape)}")
     h, w = image.shape[-2:]
@@ -109,4 +143,8 @@ def infer_logits(model: nn.Module, image: Tensor, cfg: EvalConfig, num_classes: 
             total = logits if total is None else total + logits
             views += 1
     assert total is not None
-    return total / views if views > 1 else total
+    mean = total / views if views > 1 else total
+    if cfg.merge == "probabilities":
+        # The floor keeps log finite where a class has probability 0 in float32.
+        return mean.clamp_min(torch.finfo(mean.dtype).tiny).log()
+    return mean

@@ -86,7 +86,7 @@ def _build_trunk(name: str, pretrained: str, output_stride: int) -> nn.Module:
             f"timm.list_models('*{arch[:6]}*')."
         )
     source = resolve_weights(name, pretrained)
-    kwargs: dict[str, object] = {"features_only": True, "out_indices": OUT_INDICES}
+    kwargs: dict[str, Any] = {"features_only": True, "out_indices": OUT_INDICES}
     # Nets without dilation support reject the argument even at its default value.
     if output_stride != 32:
         kwargs["output_stride"] = output_stride

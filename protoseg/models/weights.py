@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import sys
 import threading
 import warnings
 from collections.abc import Mapping
@@ -115,12 +116,17 @@ def resolve_weights(backbone: str, pretrained: str) -> WeightSource:
     return WeightSource(name, hub=True)
 
 
-def create_with_weights(source: WeightSource, **timm_kwargs: Any) -> nn.Module:
+def create_with_weights(
+    source: WeightSource, *, convert_checkpoint: bool = False, **timm_kwargs: Any
+) -> nn.Module:
     """Create ``timm.create_model(source.model_name, **timm_kwargs)`` with its initial weights.
 
     Hub weights are downloaded (or read from the cache) by timm; without network access
     this fails at once with a :class:`ModelError` naming the file to fetch by hand. A local
-    file is loaded afterwards by :func:`load_state`.
+    file is loaded afterwards by :func:`load_state`; with ``convert_checkpoint`` it first
+    goes through the ``checkpoint_filter_fn`` of the model's timm module, the function timm
+    runs on hub files, which turns an author's original file (e.g. Meta's DINOv2/DINOv3
+    ``.pth``) into timm's names and shapes.
     """
     if source.hub:
         _fail_fast_if_hub_unreachable(source.model_name)
@@ -138,8 +144,29 @@ def create_with_weights(source: WeightSource, **timm_kwargs: Any) -> nn.Module:
         ) from e
     if source.file is not None:
         arch = split_model_name_tag(source.model_name)[0]
-        load_state(model, read_state_dict(source.file), source=str(source.file), arch=arch)
+        state = read_state_dict(source.file)
+        if convert_checkpoint:
+            state = _timm_checkpoint_filter(model, state, str(source.file))
+        load_state(model, state, source=str(source.file), arch=arch)
     return model
+
+
+def _timm_checkpoint_filter(
+    model: nn.Module, state: dict[str, Tensor], source: str
+) -> dict[str, Tensor]:
+    """Run the ``checkpoint_filter_fn`` of the timm module that defines ``model``'s class."""
+    module = sys.modules.get(type(model).__module__)
+    convert = getattr(module, "checkpoint_filter_fn", None)
+    if not callable(convert):
+        return state
+    try:
+        converted = convert(state, model)
+    except (RuntimeError, ValueError, KeyError, IndexError, AssertionError) as e:
+        raise ModelError(
+            f"{source!r}: timm's checkpoint conversion for {type(model).__name__} failed "
+            f"({type(e).__name__}: {e}); is it a checkpoint of this architecture?"
+        ) from e
+    return {k: v for k, v in converted.items() if isinstance(v, Tensor)}
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -288,6 +315,9 @@ def _download_error(model_name: str, err: BaseException) -> ModelError:
             f"(https://huggingface.co/{pcfg.hf_hub_id.split('@')[0]}, file model.safetensors "
             "or pytorch_model.bin)"
         )
+        if pcfg.url:
+            # DINOv2's cfgs also keep Meta's original file, which timm converts on load.
+            source += f", or the original file {pcfg.url}"
     elif pcfg is not None and pcfg.url:
         source = f"{pcfg.url}"
     else:
