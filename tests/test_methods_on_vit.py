@@ -8,9 +8,10 @@ import pytest
 import torch
 from method_contract import NUM_CLASSES, batches
 
-from protoseg.components import InitContext
-from protoseg.config import METHOD_CONFIGS, load_config
+from protoseg.config import load_config
+from protoseg.lifecycle import InitContext
 from protoseg.methods import create_method
+from protoseg.methods.registry import METHOD_CONFIGS
 from protoseg.models import create_model
 
 TINY_VIT = [
@@ -47,9 +48,8 @@ def test_one_training_step_on_a_tiny_vit(name: str) -> None:
     )
     method = create_method(create_model(cfg.model, cfg.data.num_classes), cfg)
     method.setup(steps_per_epoch=10)
-    if method.needs_init(0):
-        labeled, _ = batches(seed=7)
-        method.initialize(InitContext([labeled], torch.device("cpu"), seed=0))
+    init_batch, _ = batches(seed=7)
+    method.before_step(0, lambda: InitContext([init_batch], torch.device("cpu"), seed=0))
     method.train()
     labeled, unlabeled = batches()
     out = method.training_step(labeled, unlabeled, step=0)
