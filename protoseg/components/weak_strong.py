@@ -3,9 +3,10 @@
 The strong view of an unlabelled image is its weak view with photometric augmentation
 (``PhotometricAugment``) and, inside a CutMix box, the strong pixels of its partner image
 together with the partner's pseudo-labels, confidences and validity. UniMatch mixes with
-a second unlabelled batch; here the partner of image i is image (i + 1) mod B of the same
-batch, as in ``augment.paste_from_partner``, which saves loading and predicting a second
-batch. Randomness comes from torch's global generator, which checkpoints restore.
+a second unlabelled batch; here the partner of image i is another image of the same
+batch (``mix_partner``: (i + 1) mod B, or B - 1 - i as UniMatch V2 does), as in
+``augment.paste_from_partner``, which saves loading and predicting a second batch.
+Randomness comes from torch's global generator, which checkpoints restore.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from protoseg.components.augment import MixOutput, half_area_boxes, paste_from_partner
+from protoseg.components.augment import PARTNERS, MixOutput, half_area_boxes, paste_from_partner
 
 # Give up on a box after this many placements that do not fit (then the image keeps no
 # box); on a square crop UniMatch's box fits within a few dozen tries.
@@ -89,15 +90,19 @@ def strong_view(
     labels: Tensor,
     conf: Tensor,
     valid: Tensor,
+    partner: str = "next",
 ) -> MixOutput:
     """Photometric augmentation of the weak view, then CutMix with the partner image.
 
     Inside image i's box, its pixels, pseudo-labels, confidences and validity become those
-    of image (i + 1) mod B; the pasted pixels are the partner's own strong view, as
-    UniMatch pastes the strong view of its mixing batch.
+    of its ``partner`` (``augment.PARTNERS``: image (i + 1) mod B, or B - 1 - i as in
+    UniMatch V2); the pasted pixels are the partner's own strong view of this draw, as
+    UniMatch pastes the strong view of its mixing batch and UniMatch V2 the same view of
+    the reversed batch (its ``unimatch_v2.py`` lines 175-176).
     """
     strong = photometric(images, valid)
-    return paste_from_partner(boxes, strong, labels, conf, valid)  # type: ignore[return-value]
+    mixed = paste_from_partner(boxes, strong, labels, conf, valid, partner=partner)
+    return mixed  # type: ignore[return-value]
 
 
 @dataclass
@@ -112,6 +117,9 @@ class WeakToStrongSettings:
     mix_prob: float = 0.5
     # random_area (UniMatch's box) | half_area (the PCR release's box).
     mix_box: str = "random_area"
+    # Whose pixels fill image i's box: "next" = image (i + 1) mod B | "reversed" = image
+    # B - 1 - i (UniMatch V2). Either is drawn within one (micro-)batch.
+    mix_partner: str = "next"
 
     def check(self) -> None:
         """Raise ValueError naming the key of an invalid value."""
@@ -124,4 +132,8 @@ class WeakToStrongSettings:
         if self.mix_box not in BOX_SHAPES:
             raise ValueError(
                 f"method.mix_box={self.mix_box!r}: choose one of {', '.join(BOX_SHAPES)}"
+            )
+        if self.mix_partner not in PARTNERS:
+            raise ValueError(
+                f"method.mix_partner={self.mix_partner!r}: choose one of {', '.join(PARTNERS)}"
             )

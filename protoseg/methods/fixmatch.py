@@ -92,7 +92,9 @@ class FixMatch(MethodBase):
         #    brings the partner's pseudo-labels along. It never feeds the pseudo-labels.
         b, _, h, w = x_w.shape
         boxes = cutmix_boxes(c.mix_box, c.mix_prob, b, h, w, x_w.device)
-        x_s, y_s, conf_s, valid_s = strong_view(self.photometric, boxes, x_w, labels, conf, valid)
+        x_s, y_s, conf_s, valid_s = strong_view(
+            self.photometric, boxes, x_w, labels, conf, valid, c.mix_partner
+        )
         keep = confident(conf_s, c.confidence_threshold, valid_s)
         # 3. The student on the strong view (its own pass, as in UniMatch's fixmatch.py).
         out_s = self.run_student(x_s)
