@@ -83,8 +83,10 @@ def complementary_channel_masks(
         raise ValueError(f"need images >= 0 and channels >= 1, got {images} and {channels}")
     if not 0.0 <= unmasked_fraction <= 1.0:
         raise ValueError(f"unmasked_fraction={unmasked_fraction} must lie in [0, 1]")
-    half = torch.full((images, channels), 0.5)
-    first = torch.bernoulli(half, generator=generator) * 2.0
+    shape = (images, channels)
+    # torch.binomial with one trial, as the release's Binomial(probs=0.5).sample: the same
+    # seed gives the release's masks bit for bit (tools/unimatch_v2_dropout_parity.py).
+    first = torch.binomial(torch.ones(shape), torch.full(shape, 0.5), generator=generator) * 2.0
     second = 2.0 - first
     unmasked = torch.randperm(images, generator=generator)[: int(images * unmasked_fraction)]
     first[unmasked] = 1.0
