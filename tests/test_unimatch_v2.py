@@ -237,6 +237,10 @@ def test_network_without_the_feature_interface_is_refused():
     create_method(create_model(cfg.model, cfg.data.num_classes), cfg)  # no dropout: any network
     with pytest.raises(ConfigError, match="method.comp_drop_unmasked"):
         tiny_config("unimatch_v2", "method.comp_drop_unmasked=2")
+    with pytest.raises(ConfigError, match="method.mix_partner"):
+        tiny_config("unimatch_v2", "method.mix_partner=random")
+    with pytest.raises(ConfigError, match="method.teacher_bn"):
+        tiny_config("unimatch_v2", "method.teacher_bn=average")
 
 
 def test_defaults_are_the_release_recipe():
@@ -397,3 +401,63 @@ def test_step_runs_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = method.training_step(labeled, unlabeled, step=0)
     assert torch.isfinite(out["loss"]) and out["loss"].dtype == torch.float32
+
+
+# ---- two processes on gloo ---------------------------------------------------------------------
+def _ddp_worker(rank: int, world: int, port: int, args: list[str], out) -> None:
+    import os
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    from protoseg.config import load_config
+    from protoseg.distributed import cleanup
+    from protoseg.engine.trainer import Trainer
+
+    try:
+        trainer = Trainer(load_config("synthetic/base.yaml", args))
+        before = {k: v.clone() for k, v in trainer.method.state_dict().items()}
+        trainer.fit()
+        after = trainer.method.state_dict()
+        moved = [k for k in before if not torch.equal(before[k], after[k])]
+        torch.save({"state": after, "moved": moved}, out / f"rank{rank}.pt")
+    finally:
+        cleanup()
+
+
+@pytest.mark.slow
+def test_ranks_stay_identical_under_ddp_with_accumulation(synthetic_root, tmp_path):
+    """Two gloo ranks, each accumulating two micro-batches, with the dropout inside the DDP
+    forward: student and teacher end equal on both ranks, and both moved."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from helpers import METHOD_OVERRIDES, tiny_overrides
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [
+        "method.name=unimatch_v2",
+        *tiny_overrides(
+            synthetic_root, tmp_path / "run", "train.iterations=2", method="unimatch_v2"
+        ),
+        # A total batch of 8 over 2 ranks: 4 per rank, as 2 accumulated micro-batches of 2.
+        "train.batch_size=8",
+        "train.max_device_batch=2",
+        "method.confidence_threshold=0",
+        *METHOD_OVERRIDES["unimatch_v2"],
+    ]
+    mp.start_processes(
+        _ddp_worker, args=(2, port, args, tmp_path), nprocs=2, join=True, start_method="spawn"
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert any(k.startswith("student.blocks.") for k in ranks[0]["moved"])
+    assert any(k.startswith("teacher.") for k in ranks[0]["moved"])
+    for key, value in ranks[0]["state"].items():
+        assert torch.allclose(value, ranks[1]["state"][key], atol=1e-6), key
