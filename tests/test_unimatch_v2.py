@@ -160,6 +160,7 @@ def test_unimatch_v2_teacher_follows_from_step_zero():
         assert torch.equal(t, s)
     assert method.teacher.decay(5) == pytest.approx(1 - 1 / 6)
     assert method.teacher.decay(10_000) == 0.996
+    assert method.deploy()["network"] is method.teacher.network  # the teacher is deployed
 
 
 # ---- AdamW, the head's lr multiplier, the locked encoder ----------------------------------------
@@ -312,6 +313,7 @@ def test_loss_is_the_release_formula_by_hand(monkeypatch):
         keep = (c >= 0.4) & v
         assert 0 < keep.float().mean() < 1  # the threshold drops some pixels, keeps others
         terms.append((nll(logits_s[4 * view : 4 * view + 4], y) * keep).sum() / v.sum())
+    assert len(boxes) == 2 and not torch.equal(boxes[0], boxes[1])  # a box per view
     expected = (loss_x + (terms[0] + terms[1]) / 2) / 2
     torch.testing.assert_close(out["loss"], expected)
     torch.testing.assert_close(out["loss_s1"], terms[0].detach())
