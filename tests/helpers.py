@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+from feature_transform_stand_in import STAND_IN
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 # Per method, what takes its unlabelled losses from the first step on the tiny set.
@@ -29,6 +31,13 @@ METHOD_OVERRIDES = {
         "method.prototypes.sample_grid=8",
     ],
     "cps+pcr": ["method.warmup_epochs=0", "method.prototypes.sample_grid=8"],
+    # No synthetic recipe: the network must take a feature transform (the stand-in's).
+    "unimatch_v2": [f"model.name={STAND_IN}", "optim.name=adamw"],
+    "unimatch_v2+pcr": [
+        f"model.name={STAND_IN}",
+        "method.warmup_epochs=0",
+        "method.prototypes.sample_grid=8",
+    ],
 }
 
 

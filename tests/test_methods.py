@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from feature_transform_stand_in import STAND_IN
 from method_contract import IGNORE, NUM_CLASSES, MethodContract, batches
 
 from protoseg.components import InitContext, cutmix_boxes, masked_cross_entropy, pixel_entropy
@@ -68,6 +69,14 @@ class TestUniMatch(MethodContract):
     name, overrides, warmup = "unimatch", WEAK_STRONG, WARMUP
 
 
+# UniMatch V2 drops channels between encoder and decoder: a network with that interface.
+UNIMATCH_V2 = (f"model.name={STAND_IN}", *WEAK_STRONG)
+
+
+class TestUniMatchV2(MethodContract):
+    name, overrides, warmup = "unimatch_v2", UNIMATCH_V2, WARMUP
+
+
 PLUG_IN = ("method.warmup_epochs=0", "method.prototypes.sample_grid=8")
 
 
@@ -87,6 +96,10 @@ class TestCPSPCR(MethodContract):
     name, overrides, warmup = "cps+pcr", PLUG_IN, WARMUP
 
 
+class TestUniMatchV2PCR(MethodContract):
+    name, overrides, warmup = "unimatch_v2+pcr", (*UNIMATCH_V2, *PLUG_IN), WARMUP
+
+
 # How many unlabelled views of the batch feed each plug-in's branch.
 PLUG_IN_VIEWS = {
     TestPCR: 1,
@@ -94,6 +107,7 @@ PLUG_IN_VIEWS = {
     TestUniMatchPCR: 2,
     TestU2PLPCR: 1,
     TestCPSPCR: 1,
+    TestUniMatchV2PCR: 2,
 }
 
 

@@ -23,7 +23,7 @@ from protoseg.config import (
     recipe_changes,
     to_dict,
 )
-from protoseg.models import ModelError, ViTDPT, count_parameters, create_model
+from protoseg.models import ModelError, ViTDPT, count_parameters, create_model, lock_backbone
 from protoseg.models.vit import default_blocks
 
 # DINOv2-shaped and DINOv3-shaped encoders small enough for a CPU test (pretrained off).
@@ -227,7 +227,7 @@ def test_bf16_autocast_through_checkpointing_on_cpu() -> None:
 
 def test_lock_backbone_freezes_the_encoder_only() -> None:
     model = build_tiny()
-    model.lock_backbone()
+    assert lock_backbone(model) == len(list(model.backbone.parameters()))
     assert not any(p.requires_grad for p in model.backbone.parameters())
     assert all(p.requires_grad for p in model.head.parameters())
 

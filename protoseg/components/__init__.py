@@ -3,8 +3,22 @@
 None of them holds a training loop; a method's module reads top to bottom by calling them.
 """
 
-from protoseg.components.augment import STRONG_AUGMENTATIONS, box_masks, strong_augment
+from protoseg.components.augment import (
+    PARTNERS,
+    STRONG_AUGMENTATIONS,
+    box_masks,
+    partner_of,
+    strong_augment,
+)
 from protoseg.components.contrast import ClassQueues, ContrastConfig, contrastive_loss
+from protoseg.components.feature_dropout import (
+    FeatureTransform,
+    FeatureTransformNetwork,
+    complementary_channel_masks,
+    complementary_dropout,
+    require_feature_transform,
+    takes_feature_transform,
+)
 from protoseg.components.losses import (
     SegmentationLoss,
     SupervisedObjective,
@@ -45,11 +59,14 @@ from protoseg.components.weak_strong import (
 from protoseg.lifecycle import InitContext
 
 __all__ = [
+    "PARTNERS",
     "PROTOTYPE_HEAD",
     "STRONG_AUGMENTATIONS",
     "ClassQueues",
     "ContrastConfig",
     "EMATeacher",
+    "FeatureTransform",
+    "FeatureTransformNetwork",
     "InitContext",
     "PhotometricAugment",
     "PrototypeBank",
@@ -68,6 +85,8 @@ __all__ = [
     "box_masks",
     "build_prototype_head",
     "check_strong_augmentation",
+    "complementary_channel_masks",
+    "complementary_dropout",
     "confident",
     "confident_fraction",
     "contrastive_loss",
@@ -75,10 +94,13 @@ __all__ = [
     "eval_pass_labels",
     "hard_labels",
     "masked_cross_entropy",
+    "partner_of",
     "percentile",
     "pixel_entropy",
     "reliable_cross_entropy",
+    "require_feature_transform",
     "strong_augment",
     "strong_view",
+    "takes_feature_transform",
     "valid_pixels",
 ]

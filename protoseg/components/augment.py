@@ -2,8 +2,9 @@
 
 Each takes images (B, 3, H, W), pseudo-labels (B, H, W), confidences (B, H, W) and a validity
 mask (B, H, W) and returns the four transformed alike. The partner of image i is image
-(i + 1) mod B, as in the release. Randomness comes from torch's global generator, which
-checkpoints save and restore.
+(i + 1) mod B, as in the PCR release (``partner="next"``); UniMatch V2 pairs image i with
+image B - 1 - i, the batch reversed (``partner="reversed"``). Randomness comes from torch's
+global generator, which checkpoints save and restore.
 """
 
 from __future__ import annotations
@@ -54,13 +55,27 @@ def box_masks(
     return masks
 
 
-def paste_from_partner(mask: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
-    """Where ``mask`` (B, H, W) is set, take the values of image (i + 1) mod B."""
+# How the image that lends its pixels to image i of a batch of B is chosen:
+# "next": image (i + 1) mod B (the PCR release, UniMatch V1 here);
+# "reversed": image B - 1 - i, the batch flipped (UniMatch V2's ``.flip(0)``).
+PARTNERS = ("next", "reversed")
+
+
+def partner_of(tensor: Tensor, partner: str = "next") -> Tensor:
+    """``tensor`` (B, ...) reordered so that row i holds the partner of image i."""
+    if partner == "next":
+        return torch.roll(tensor, shifts=-1, dims=0)
+    if partner == "reversed":
+        return torch.flip(tensor, dims=(0,))
+    raise ValueError(f"unknown mixing partner {partner!r}: choose one of {', '.join(PARTNERS)}")
+
+
+def paste_from_partner(mask: Tensor, *tensors: Tensor, partner: str = "next") -> tuple[Tensor, ...]:
+    """Where ``mask`` (B, H, W) is set, take the values of image i's ``partner`` (PARTNERS)."""
     out = []
     for t in tensors:
-        partner = torch.roll(t, shifts=-1, dims=0)
         m = mask[:, None] if t.dim() == 4 else mask
-        out.append(torch.where(m, partner, t))
+        out.append(torch.where(m, partner_of(t, partner), t))
     return tuple(out)
 
 

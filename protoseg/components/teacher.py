@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from protoseg.config import WarmupSettings
 
-TEACHER_BN_MODES = ("forward", "student_batch", "copy")
+TEACHER_BN_MODES = ("forward", "student_batch", "copy", "ema")
 EMA_STARTS = ("ramp", "after_epoch")
 
 
@@ -26,7 +26,10 @@ class TeacherSettings(WarmupSettings):
     #   it pseudo-labels that batch;
     # "student_batch": a train-mode no-grad teacher pass on the student's batch (labelled +
     #   mixed images) after the pseudo-labels are made, as U2PL's loop (the release) does;
-    # "copy": the student's BN buffers, copied at every EMA step (cheapest).
+    # "copy": the student's BN buffers, copied at every EMA step (cheapest);
+    # "ema": every floating-point buffer follows the student's by the same EMA as the
+    #   parameters, and the teacher predicts in eval mode with no refresh pass (UniMatch
+    #   V2's loop, its unimatch_v2.py lines 221-226).
     teacher_bn: str = "forward"
     # When the EMA starts after the warm-up:
     # "ramp": decay min(1 - 1/(t+1), ema_decay) from the first semi-supervised step;
@@ -54,8 +57,9 @@ class EMATeacher(nn.Module):
     During the warm-up the teacher is the student (parameters and buffers). After it, the
     parameters move by EMA with decay ``min(1 - 1/(t+1), ema_decay)``, ``t`` counted from
     the end of the warm-up; with ``ema_start="after_epoch"`` the decay is 0 (a copy) for
-    the first ``steps_per_epoch`` of them (see ``setup``). BatchNorm statistics follow
-    ``bn_mode`` (see ``TeacherSettings.teacher_bn``).
+    the first ``steps_per_epoch`` of them (see ``setup``). Buffers (BatchNorm statistics)
+    follow ``bn_mode`` (see ``TeacherSettings.teacher_bn``); ``bn_mode="ema"`` moves them
+    with the parameters by the same decay.
     """
 
     def __init__(
@@ -104,6 +108,15 @@ class EMATeacher(nn.Module):
         if self.bn_mode == "copy":
             for t_buf, s_buf in zip(self.network.buffers(), student.buffers()):
                 t_buf.copy_(s_buf)
+        elif self.bn_mode == "ema":
+            for t_buf, s_buf in zip(self.network.buffers(), student.buffers()):
+                if t_buf.is_floating_point():
+                    t_buf.lerp_(s_buf.detach().to(t_buf.dtype), 1.0 - decay)
+                else:
+                    # A count (BatchNorm's num_batches_tracked) has no average; UniMatch
+                    # V2's arithmetic truncates one back into the integer buffer, so its
+                    # value there is meaningless either way: take the student's.
+                    t_buf.copy_(s_buf)
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> dict[str, Tensor]:

@@ -3,9 +3,10 @@
 The strong view of an unlabelled image is its weak view with photometric augmentation
 (``PhotometricAugment``) and, inside a CutMix box, the strong pixels of its partner image
 together with the partner's pseudo-labels, confidences and validity. UniMatch mixes with
-a second unlabelled batch; here the partner of image i is image (i + 1) mod B of the same
-batch, as in ``augment.paste_from_partner``, which saves loading and predicting a second
-batch. Randomness comes from torch's global generator, which checkpoints restore.
+a second unlabelled batch; here the partner of image i is another image of the same
+batch (``mix_partner``: (i + 1) mod B, or B - 1 - i as UniMatch V2 does), as in
+``augment.paste_from_partner``, which saves loading and predicting a second batch.
+Randomness comes from torch's global generator, which checkpoints restore.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from protoseg.components.augment import MixOutput, half_area_boxes, paste_from_partner
+from protoseg.components.augment import (
+    PARTNERS,
+    MixOutput,
+    half_area_boxes,
+    partner_of,
+    paste_from_partner,
+)
 from protoseg.components.pseudo_label import hard_labels
 from protoseg.config import WarmupSettings
 
@@ -91,22 +98,25 @@ def strong_view(
     labels: Tensor,
     conf: Tensor,
     valid: Tensor,
-    partner: tuple[Tensor, Tensor] | None = None,
+    partner_labels: tuple[Tensor, Tensor] | None = None,
+    partner: str = "next",
 ) -> MixOutput:
     """Photometric augmentation of the weak view, then CutMix with the partner image.
 
     Inside image i's box, its pixels, pseudo-labels, confidences and validity become those
-    of image (i + 1) mod B; the pasted pixels are the partner's own strong view, as
-    UniMatch pastes the strong view of its mixing batch. ``partner`` gives other
-    (labels, confidences) of the batch to paste from (UniMatch's eval-mode prediction of
-    its mixing batch, ``partner_labels: eval_pass``); by default the pasted ones are
-    ``labels``/``conf``.
+    of its ``partner`` (``augment.PARTNERS``: image (i + 1) mod B, or B - 1 - i as in
+    UniMatch V2, its ``unimatch_v2.py`` lines 175-176); the pasted pixels are the
+    partner's own strong view of this draw, as UniMatch pastes the strong view of its
+    mixing batch. ``partner_labels`` gives other (labels, confidences) of the batch to
+    paste from (UniMatch's eval-mode prediction of its mixing batch, ``partner_labels:
+    eval_pass``); by default the pasted ones are ``labels``/``conf``.
     """
     strong = photometric(images, valid)
-    if partner is None:
-        return paste_from_partner(boxes, strong, labels, conf, valid)  # type: ignore[return-value]
-    x_s, valid_s = paste_from_partner(boxes, strong, valid)
-    pasted_labels, pasted_conf = (torch.roll(t, shifts=-1, dims=0) for t in partner)
+    if partner_labels is None:
+        mixed = paste_from_partner(boxes, strong, labels, conf, valid, partner=partner)
+        return mixed  # type: ignore[return-value]
+    x_s, valid_s = paste_from_partner(boxes, strong, valid, partner=partner)
+    pasted_labels, pasted_conf = (partner_of(t, partner) for t in partner_labels)
     y_s = torch.where(boxes, pasted_labels, labels)
     conf_s = torch.where(boxes, pasted_conf, conf)
     return x_s, y_s, conf_s, valid_s
@@ -150,6 +160,9 @@ class WeakToStrongSettings(WarmupSettings):
     # forward more per step and gives UniMatch's step exactly (docs/parity.md); FixMatch
     # with an EMA teacher already pastes the teacher's eval-mode labels and adds no pass.
     partner_labels: str = "shared_pass"
+    # Whose pixels fill image i's box: "next" = image (i + 1) mod B | "reversed" = image
+    # B - 1 - i (UniMatch V2). Either is drawn within one (micro-)batch.
+    mix_partner: str = "next"
 
     def check(self) -> None:
         """Raise ValueError naming the key of an invalid value."""
@@ -167,4 +180,8 @@ class WeakToStrongSettings(WarmupSettings):
         if self.mix_box not in BOX_SHAPES:
             raise ValueError(
                 f"method.mix_box={self.mix_box!r}: choose one of {', '.join(BOX_SHAPES)}"
+            )
+        if self.mix_partner not in PARTNERS:
+            raise ValueError(
+                f"method.mix_partner={self.mix_partner!r}: choose one of {', '.join(PARTNERS)}"
             )

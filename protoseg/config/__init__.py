@@ -167,13 +167,23 @@ def method_config_class(name: str) -> type[MethodConfig]:
 
 @dataclass
 class OptimConfig:
-    """SGD with a poly schedule; lr is stated for the total batch."""
+    """SGD or AdamW with a per-step poly schedule; lr is stated for the total batch."""
 
+    # "sgd" (the PCR release) | "adamw" (UniMatch V2 on DINOv2).
+    name: str = "sgd"
+    # The encoder's lr; the decoder and heads train at lr x decoder_lr_mult.
     lr: float = 1e-3
+    # On every parameter (neither release exempts norms, biases or embeddings).
     weight_decay: float = 1e-4
+    # SGD only.
     momentum: float = 0.9
+    # AdamW only: the moment decay rates (UniMatch V2: 0.9, 0.999).
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     decoder_lr_mult: float = 10.0
     poly_power: float = 0.9
+    # Freeze the encoder: it gets no gradient and no optimiser group (UniMatch V2's
+    # lock_backbone). The Trainer freezes it when it builds the network, before the method and DDP see it.
+    lock_backbone: bool = False
 
 
 @dataclass
@@ -259,6 +269,7 @@ class Config:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.epoch_over": ("unlabeled", "labeled"),
     "data.scale_sampling": ("uniform", "split"),
+    "optim.name": ("sgd", "adamw"),
     "train.loss": ("ce", "ohem"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.on_nonfinite": ("stop", "skip"),
@@ -345,6 +356,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"train.iterations={cfg.train.iterations} must be >= 0 (0 = use train.epochs)"
         )
+    betas = cfg.optim.betas
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"optim.betas={list(betas)} must be two values in [0, 1)")
+    if cfg.optim.weight_decay < 0 or cfg.optim.decoder_lr_mult <= 0:
+        raise ConfigError("optim.weight_decay must be >= 0 and optim.decoder_lr_mult > 0")
     if cfg.model.output_stride not in (8, 16, 32):
         raise ConfigError("model.output_stride must be 8, 16 or 32")
     if cfg.data.crop_size < 2 * cfg.model.output_stride:

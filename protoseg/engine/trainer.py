@@ -43,7 +43,7 @@ from protoseg.inference import EvalResult, evaluate
 from protoseg.inference.model_file import model_payload
 from protoseg.lifecycle import InitContext
 from protoseg.methods import as_module, create_method
-from protoseg.models import create_model
+from protoseg.models import create_model, lock_backbone
 from protoseg.progress import show_progress
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,8 @@ class Trainer:
         self.data = TrainingData(cfg, dist_info, device)
         self.total_steps = self.data.total_steps
         model = create_model(cfg.model, cfg.data.num_classes).to(device)
+        if cfg.optim.lock_backbone:
+            lock_backbone(model)  # before the method copies it (teacher) and DDP wraps it
         if device.type == "cuda" and cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if dist_info.enabled and device.type == "cuda" and cfg.model.sync_bn:

@@ -99,7 +99,7 @@ class FixMatch(MethodBase):
         if c.partner_labels == "eval_pass" and self.teacher is None:
             partner = eval_pass_labels(self.student, self.run_student, x_w)
         x_s, y_s, conf_s, valid_s = strong_view(
-            self.photometric, boxes, x_w, labels, conf, valid, partner
+            self.photometric, boxes, x_w, labels, conf, valid, partner, c.mix_partner
         )
         keep = confident(conf_s, c.confidence_threshold, valid_s)
         # 3. The student on the strong view (its own pass, as in UniMatch's fixmatch.py).

@@ -98,7 +98,11 @@ class UniMatch(MethodBase):
         views = []
         for _ in range(2):
             boxes = cutmix_boxes(c.mix_box, c.mix_prob, b, h, w, x_w.device)
-            views.append(strong_view(self.photometric, boxes, x_w, labels, conf, valid, partner))
+            views.append(
+                strong_view(
+                    self.photometric, boxes, x_w, labels, conf, valid, partner, c.mix_partner
+                )
+            )
         # 3. The student on both strong views in one pass (UniMatch line 155).
         out_s1, out_s2 = split_outputs(self.run_student(torch.cat([v[0] for v in views])), b)
         # 4. The losses, each unlabelled one over confident real pixels.

@@ -24,12 +24,14 @@ from protoseg.models.registry import (
     HasParamGroups,
     ParamGroups,
     build_head,
+    lock_backbone,
     param_groups,
     register_head,
     register_model,
 )
 
 __all__ = [
+    "lock_backbone",
     "ASPP",
     "CONFIG_ONLY_FIELDS",
     "HEADS",

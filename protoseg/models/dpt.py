@@ -246,11 +246,6 @@ class ViTDPT(nn.Module):
         """Return (encoder parameters, decoder parameters)."""
         return list(self.backbone.parameters()), list(self.head.parameters())
 
-    def lock_backbone(self) -> None:
-        """Freeze the encoder (UniMatch V2's ``lock_backbone``): no gradients, no updates."""
-        for p in self.backbone.parameters():
-            p.requires_grad_(False)
-
 
 def _checked_transform(transform: FeatureMapTransform, maps: list[Tensor]) -> list[Tensor]:
     """Apply a feature-map transform and check it kept the four maps' shapes."""

@@ -84,3 +84,18 @@ def param_groups(module: nn.Module) -> ParamGroups:
         backbone, decoder = module.param_groups()
         return list(backbone), list(decoder)
     return [], list(module.parameters())
+
+
+def lock_backbone(module: nn.Module) -> int:
+    """Freeze ``module``'s backbone group (``optim.lock_backbone``, UniMatch V2's
+    ``lock_backbone``): it gets no gradient and no optimiser group. Returns how many tensors
+    it froze. Done before a method copies the network into a teacher or DDP wraps it."""
+    backbone, _ = param_groups(module)
+    if not backbone:
+        raise ValueError(
+            f"optim.lock_backbone=true, but {type(module).__name__} declares no backbone "
+            "parameters (param_groups()); set optim.lock_backbone=false"
+        )
+    for param in backbone:
+        param.requires_grad_(False)
+    return len(backbone)
