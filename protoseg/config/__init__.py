@@ -182,7 +182,8 @@ class OptimConfig:
     decoder_lr_mult: float = 10.0
     poly_power: float = 0.9
     # Freeze the encoder: it gets no gradient and no optimiser group (UniMatch V2's
-    # lock_backbone). The Trainer freezes it when it builds the network, before the method and DDP see it.
+    # lock_backbone). The Trainer freezes it when it builds the network, before the
+    # method and DDP see it.
     lock_backbone: bool = False
 
 

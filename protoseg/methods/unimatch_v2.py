@@ -41,9 +41,9 @@ from protoseg.components import (
     valid_pixels,
 )
 from protoseg.config import Config, MethodConfig
-from protoseg.methods.registry import register_method
 from protoseg.methods.common import MethodBase, split_outputs
 from protoseg.methods.protocol import Batch, StepOutput
+from protoseg.methods.registry import register_method
 
 
 @dataclass
