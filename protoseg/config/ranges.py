@@ -71,6 +71,9 @@ CORE_RANGES: dict[str, Range] = {
     "model.low_level_channels": AT_LEAST_ONE,
     "model.head_channels": AT_LEAST_ONE,
     "model.dropout": UNIT_OPEN_TOP,
+    "model.vit.features": NON_NEGATIVE,  # 0 = UniMatch V2's width for the encoder's size
+    "model.vit.out_channels": NON_NEGATIVE,
+    "optim.betas": UNIT_OPEN_TOP,
     "optim.lr": POSITIVE,
     "optim.weight_decay": NON_NEGATIVE,
     "optim.momentum": UNIT_OPEN_TOP,
@@ -92,6 +95,7 @@ CORE_RANGES: dict[str, Range] = {
     "eval.stride": AT_LEAST_ONE,
     "eval.windows_per_batch": AT_LEAST_ONE,
     "eval.scales": POSITIVE,
+    "eval.resize_to_multiple": NON_NEGATIVE,  # 0 = keep the image's size
 }
 
 # Keys inside ``method:``, for whichever method declares them.
@@ -106,6 +110,7 @@ METHOD_RANGES: dict[str, Range] = {
     "fp_weight": NON_NEGATIVE,
     "fp_dropout": UNIT_OPEN_TOP,
     "mix_prob": UNIT,
+    "comp_drop_unmasked": UNIT,
     "mix_area_range": UNIT,
     "mix_boxes": AT_LEAST_ONE,
     "noise_std": NON_NEGATIVE,
