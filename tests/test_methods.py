@@ -114,7 +114,9 @@ PLUG_IN_VIEWS = {
 @pytest.mark.parametrize("contract", list(PLUG_IN_VIEWS))
 def test_pcr_plugs_into_every_base_method(contract, monkeypatch):
     method, _ = contract().build()
-    assert method.heads == ("linear", "prototype")
+    # The teacher's heads; unimatch_v2+pcr also evaluates its student (a third head).
+    assert method.heads[:2] == ("linear", "prototype")
+    assert method.heads[2:] == (("student",) if contract is TestUniMatchV2PCR else ())
     labeled, unlabeled = batches()
     seen = {}
     losses = method.prototype_losses

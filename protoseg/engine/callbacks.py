@@ -133,6 +133,20 @@ def track_best(run: RunContext, results: dict[str, EvalResult]) -> None:
         save_file(run.model_file(), run.out_dir / "best.pt")
 
 
+def history_entry(
+    history: list[dict[str, float]], step: int, results: dict[str, EvalResult]
+) -> dict[str, float]:
+    """An evaluation's history entry: each head's mIoU (``val_miou_<head>``) and its best so
+    far (``best_val_miou_<head>``); ``best.pt`` follows the primary head alone, so the other
+    heads' best results are kept here."""
+    entry: dict[str, float] = {"step": step}
+    for head, res in results.items():
+        earlier = [e[f"val_miou_{head}"] for e in history if f"val_miou_{head}" in e]
+        entry[f"val_miou_{head}"] = res.miou
+        entry[f"best_val_miou_{head}"] = max([*earlier, res.miou])
+    return entry
+
+
 class PeriodicEvaluation(Callback):
     """Validation every ``train.eval_every`` steps; keeps ``best.pt`` of the primary head."""
 
@@ -159,9 +173,7 @@ class PeriodicEvaluation(Callback):
             for head, res in results.items():
                 run.writer.add_scalar(f"val/miou_{head}", res.miou, step)
                 log.info("step %d: validation mIoU (%s head) %.2f", step, head, res.miou)
-            run.state.history.append(
-                {"step": step, **{f"val_miou_{h}": r.miou for h, r in results.items()}}
-            )
+            run.state.history.append(history_entry(run.state.history, step, results))
         run.set_train_mode()
 
 

@@ -10,6 +10,11 @@ channel dropout between encoder and decoder (``components.feature_dropout``). Th
 loss is (L_x + (L_s1 + L_s2) / 2) / 2 (lines 202-204), each L_s the CE summed over
 confident pixels over the number of real ones (lines 194-200). The teacher is deployed.
 
+The release evaluates the student and the EMA teacher after every epoch (lines 239-241)
+and its README reports the teacher's best; here the teacher is the primary head
+(``linear``: the deployed network, which decides ``best.pt``) and the student a second
+one (``student``), evaluated with ``eval.all_heads`` and never written to a model file.
+
 Per (micro-)batch, as per GPU in the release: the partner order, the dropout masks and the
 unmasked half of the images, and the normalisers of L_x and L_s. UniMatch V2 draws the
 photometric changes and the boxes per image in its data loader; here they are drawn per
@@ -44,6 +49,9 @@ from protoseg.config import Config, MethodConfig
 from protoseg.methods.common import MethodBase, split_outputs
 from protoseg.methods.protocol import Batch, StepOutput
 from protoseg.methods.registry import register_method
+
+#: The head that evaluates the student network itself (the teacher is the primary head).
+STUDENT_HEAD = "student"
 
 
 @dataclass
@@ -89,8 +97,11 @@ class UniMatchV2(MethodBase):
         c = self.config
         if c.comp_drop:
             require_feature_transform(model, c.name)
-        self.teacher = EMATeacher.from_settings(model, c)
+        self.teacher: EMATeacher = EMATeacher.from_settings(model, c)
         self.photometric = PhotometricAugment(cfg.data.mean, cfg.data.std)
+        # After the teacher's heads (linear, and prototype with the plug-in): the teacher
+        # stays primary, as the release's README reports the EMA model.
+        self.heads = (*self.heads, STUDENT_HEAD)
 
     def training_step(self, labeled: Batch, unlabeled: Batch | None, step: int) -> StepOutput:
         """(L_x + (L_s1 + L_s2) / 2) / 2; the supervised loss alone during a warm-up."""
@@ -147,6 +158,13 @@ class UniMatchV2(MethodBase):
                 confident(conf, c.confidence_threshold, valid), valid
             ),
         }
+
+    def inference_model(self, head: str = "linear") -> nn.Module:
+        """The student network for ``student``; else the deployed teacher with ``head``."""
+        self.check_head(head)
+        if head == STUDENT_HEAD:
+            return self.student
+        return super().inference_model(head)
 
     def drop_complementary(self, features: list[Tensor]) -> list[Tensor]:
         """The strong pass's feature transform: complementary channel dropout of two views."""
