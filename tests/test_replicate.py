@@ -7,6 +7,7 @@ replaced by one that writes an outcome.json.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -256,3 +257,22 @@ def test_class_table_averages_each_class_over_a_methods_runs(rep):
     # The absent class (NaN) counts in no mean; a method without usable rows gets no line.
     assert lines[2] == "| pcr | 2 | 92.0 | 45.0 | 20.0 | 20.0 | 20.0 | 60.0 |"
     assert len(lines) == 3
+
+
+def test_a_run_config_builds_in_a_fresh_interpreter(tmp_path):
+    """replicate.py's child processes import protoseg.cli.demo alone (not the CLI's entry
+    point): the method registry must come with it, or every run fails at load_config."""
+    import subprocess
+    import sys
+
+    code = (
+        "import protoseg.cli.demo\n"
+        "from protoseg.config import load_config\n"
+        "print(load_config('synthetic/u2pl.yaml', ['data.root=x']).method.name)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("u2pl")

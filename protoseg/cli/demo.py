@@ -18,6 +18,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Registers every method's config dataclass, which load_config resolves method.name by;
+# benchmarks/replicate.py's runs import this module without the CLI's entry point.
+import protoseg.methods  # noqa: F401, E402
 from protoseg.config import Config, load_config
 from protoseg.data import DEFAULT_LABEL_COUNTS, SYNTHETIC_CLASSES, generate_synthetic
 from protoseg.data.splits import DataError

@@ -22,6 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Registers every method's config dataclass, which load_config resolves method.name by;
+# benchmarks/replicate.py's runs import this module without the CLI's entry point.
+import protoseg.methods  # noqa: F401, E402
 from protoseg.config import ConfigError, load_config
 from protoseg.files import atomic_write, atomic_write_text
 
