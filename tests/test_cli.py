@@ -313,6 +313,7 @@ def test_every_full_demo_run_has_a_valid_config(tmp_path):
         assert cfg.train.out_dir == str(tmp_path / spec.name)
 
 
+@pytest.mark.slow  # two fresh processes (torch, gloo): tens of seconds on 2 cores
 def test_demo_runs_in_processes_give_the_in_process_numbers(tmp_path):
     # The parallel demo must not change the table: a run trained in a spawned worker on one
     # thread equals the same run trained here on one thread.

@@ -126,6 +126,7 @@ def _queue_worker(rank: int, port: int, keys, result) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two fresh processes (torch, gloo): tens of seconds on 2 cores
 def test_two_processes_hold_the_same_queues_as_one_process_pushing_both():
     keys = [[rows(0, 3), rows(100, 102)], [rows(3, 5), rows(200, 210)]]
     ctx = mp.get_context("spawn")

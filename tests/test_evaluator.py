@@ -394,6 +394,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two fresh processes (torch, gloo): tens of seconds on 2 cores
 def test_two_process_gloo_reduce(tmp_path: Path) -> None:
     world_size = 2
     mp.spawn(_dist_worker, args=(world_size, free_port(), str(tmp_path)), nprocs=world_size)

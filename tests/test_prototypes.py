@@ -210,6 +210,7 @@ def _sync_worker(rank: int, port: int, feats, labels, queue) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two fresh processes (torch, gloo): tens of seconds on 2 cores
 def test_two_process_update_gives_identical_banks_equal_to_one_process():
     feats = torch.randn(60, 8)
     labels = torch.randint(0, 3, (60,))
