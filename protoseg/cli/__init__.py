@@ -246,7 +246,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     chosen = {
         key: getattr(args, key)
-        for key in ("backbone", "num_images", "image_size", "epochs", "seed", "threads")
+        for key in ("backbone", "num_images", "image_size", "epochs", "lr", "seed", "threads")
         if getattr(args, key) is not None
     }
     model_args = _parse_model_args(args.model_arg or [])
@@ -466,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=None, help="training images (12800)")
     p.add_argument("--image-size", type=int, default=None, help="pixels a side (32)")
     p.add_argument("--epochs", type=int, default=None, help="(6)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW's peak lr (0.003)")
     p.add_argument("--seed", type=int, default=None, help="draw of the set and init (0)")
     p.add_argument(
         "--threads",
