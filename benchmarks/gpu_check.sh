@@ -5,13 +5,16 @@
 #      8, 2 + 2 images, crops 513 and 769) in fp32 and bf16, side by side in one process
 #      (--interleave), the ratio issue 15's target is about;
 #   2. peak memory of the same steps, each method in its own process;
-#   3. the prototype operations alone;
-#   4. evaluation throughput and short end-to-end trainings in fp32/bf16/fp16.
+#   3. the foundation encoders: unimatch_v2, unimatch_v2+pcr and pcr on DINOv2-S and -B with
+#      the DPT decoder at UniMatch V2's crop 518, bf16 with gradient checkpointing, each
+#      method in its own process (step time and peak memory);
+#   4. the prototype operations alone;
+#   5. evaluation throughput and short end-to-end trainings in fp32/bf16/fp16.
 # Usage: bash benchmarks/gpu_check.sh OUT_DIR [STAGES]   (from the repository root;
-# STAGES: any of "ratios memory ops rest", default all four)
+# STAGES: any of "ratios memory vit ops rest", default all five)
 set -uo pipefail
 out=${1:-gpu_results}
-stages=${2:-"ratios memory ops rest"}
+stages=${2:-"ratios memory vit ops rest"}
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 run() { echo "### $*" | tee -a "$out/log.txt"; "$@" 2>&1 | tee -a "$out/log.txt"; }
@@ -39,6 +42,15 @@ if [[ $stages == *memory* ]]; then
     run python3 benchmarks/step_time.py --methods cutmix_seg pcr "${release[@]}" \
         "${cityscapes[@]}" --precision "$precision" --steps 5 --warmup 2 \
         --out "$out/memory_769_$precision.json"
+  done
+fi
+if [[ $stages == *vit* ]]; then
+  # UniMatch V2's VOC step: 4 labelled + 4 unlabelled crops of 518 per GPU, 21 classes.
+  for encoder in vit_small_patch14_dinov2 vit_base_patch14_dinov2; do
+    run python3 benchmarks/step_time.py --model vit_dpt --backbone "$encoder" \
+        --methods unimatch_v2 unimatch_v2+pcr pcr --crop 518 --batch 4 --classes 21 \
+        --precision bf16 --checkpointing --device cuda --steps 10 --warmup 3 \
+        --out "$out/vit_${encoder}_518_bf16.json"
   done
 fi
 if [[ $stages == *ops* ]]; then

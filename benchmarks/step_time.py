@@ -1,5 +1,10 @@
 """Training-step time and peak memory of supervised, cutmix_seg and pcr at a fixed model and crop.
 
+``--model vit_dpt`` times a timm ViT encoder (``--backbone``, e.g. vit_small_patch14_dinov2)
+with UniMatch V2's DPT decoder instead of DeepLabv3+, trained by AdamW at UniMatch V2's
+settings (lr 5e-6, decoder x40, weight decay 0.01) unless ``--set optim.*`` says otherwise;
+``--checkpointing`` recomputes its encoder blocks in the backward pass.
+
 Each method runs in its own subprocess (so peak RSS is its own) on synthetic in-memory batches
 (no data loading), timing forward + backward + optimiser step + EMA/bank updates. Reports
 medians over ``--steps`` steps after ``--warmup`` untimed ones, and PCR's time as a ratio to
@@ -9,6 +14,8 @@ slows them alike: use it for the ratios, the default for memory.
 
     python benchmarks/step_time.py --backbone resnet18 --crop 80 --batch 8
     python benchmarks/step_time.py --backbone resnet101s --crop 513 --batch 2 --device cuda
+    python benchmarks/step_time.py --model vit_dpt --backbone vit_small_patch14_dinov2 \
+        --methods unimatch_v2 unimatch_v2+pcr pcr --crop 112 --batch 2
 """
 
 from __future__ import annotations
@@ -50,13 +57,25 @@ def build_step(args: argparse.Namespace, name: str):
     if hasattr(defaults, "prototypes"):
         method_keys.append(f"method.prototypes.per_class={args.prototypes}")
         method_keys.append(f"method.prototypes.sample_grid={args.sample_grid}")
+    if args.model == "vit_dpt":
+        model_keys = [
+            "model.name=vit_dpt",
+            f"model.vit.checkpointing={str(args.checkpointing).lower()}",
+            # UniMatch V2's optimiser (configs/*.yaml of its release); --set may change it.
+            "optim.name=adamw",
+            "optim.lr=5e-6",
+            "optim.decoder_lr_mult=40",
+            "optim.weight_decay=0.01",
+        ]
+    else:
+        model_keys = [f"model.output_stride={args.output_stride}"]
     cfg = load_config(
         None,
         [
             "data.root=unused",
             f"data.num_classes={args.classes}",
             f"model.backbone={args.backbone}",
-            f"model.output_stride={args.output_stride}",
+            *model_keys,
             f"method.name={name}",
             *method_keys,
             f"train.loss={args.loss}",
@@ -188,7 +207,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=["supervised", "cutmix_seg", "pcr"])
     parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--model",
+        default="deeplabv3plus",
+        choices=["deeplabv3plus", "vit_dpt"],
+        help="the network: a CNN with DeepLabv3+, or a timm ViT with UniMatch V2's DPT",
+    )
     parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument(
+        "--checkpointing", action="store_true", help="vit_dpt: recompute the encoder's blocks"
+    )
     parser.add_argument("--output-stride", type=int, default=16)
     parser.add_argument("--crop", type=int, default=80)
     parser.add_argument("--batch", type=int, default=8, help="labelled and unlabelled each")
@@ -221,8 +249,13 @@ def main() -> None:
         return
     rows = run_interleaved(args) if args.interleave else run_in_subprocesses(args)
     by = {r["method"]: r for r in rows}
+    network = (
+        f"{args.backbone} + DPT{', checkpointing' if args.checkpointing else ''}"
+        if args.model == "vit_dpt"
+        else f"{args.backbone} OS{args.output_stride}"
+    )
     print(
-        f"\n{args.backbone} OS{args.output_stride}, crop {args.crop}, batch {args.batch}+"
+        f"\n{network}, crop {args.crop}, batch {args.batch}+"
         f"{args.batch}, {args.precision}, {rows[0]['device']} ({rows[0]['device_name']}, "
         f"{rows[0]['threads']} threads), torch {rows[0]['torch']}; median of {args.steps} steps"
         f"{'; ' + ' '.join(args.set) if args.set else ''}\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -179,3 +180,66 @@ def test_demo_backbone_choice(tmp_path, monkeypatch):
     assert seen["cache"] == tmp_path / "cache"
     assert main(["demo", "--out", str(tmp_path / "d"), "--pretrained", "/nowhere/w.pt"]) == 2
     assert not (tmp_path / "d" / "data").exists()  # refused before any image is drawn
+
+
+# A four-block ViT of width 32 with 8 px patches: the shape of synthetic/vit.yaml, smaller.
+TINY_VIT_ARGS = {"patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2, "img_size": 64}
+
+
+def test_a_vit_pretrained_file_loads_into_the_vit_encoder(tmp_path):
+    from protoseg.models.vit import ViTEncoder
+
+    settings = dataclasses.replace(
+        TINY, backbone="vit_small_patch14_dinov2", model_args=TINY_VIT_ARGS
+    )
+    # 32 px pretraining images through a ViT whose position grid is the 64 px crop's.
+    result = ensure_pretrained(tmp_path, settings, device="cpu", progress=False)
+    saved = load_file(str(result.file))
+    assert saved["pos_embed"].shape == (1, 1 + 8 * 8, 32) and "head.weight" in saved
+    # Every encoder tensor is in the file; its classifier is dropped without a warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encoder = ViTEncoder(
+            "vit_small_patch14_dinov2", str(result.file), encoder_args=TINY_VIT_ARGS
+        )
+    loaded = encoder.trunk.state_dict()
+    for key in ("pos_embed", "patch_embed.proj.weight", "blocks.3.mlp.fc2.weight", "norm.bias"):
+        assert torch.equal(loaded[key], saved[key]), key
+    fresh = ViTEncoder("vit_small_patch14_dinov2", "", encoder_args=TINY_VIT_ARGS)
+    assert not torch.equal(
+        fresh.trunk.state_dict()["blocks.0.attn.qkv.weight"], saved["blocks.0.attn.qkv.weight"]
+    )
+
+
+def test_model_args_are_part_of_the_cache_key_and_checked():
+    wider = dataclasses.replace(TINY, model_args={"embed_dim": 64})
+    assert wider.stamp()["model_args"] == {"embed_dim": 64}
+    assert wider.file_name() != TINY.file_name()
+    assert dataclasses.replace(TINY, model_args={"embed_dim": 32}).file_name() != wider.file_name()
+    with pytest.raises(ValueError, match="num_classes"):
+        dataclasses.replace(TINY, model_args={"num_classes": 3}).check()
+
+
+def test_pretrain_command_reads_model_args(tmp_path, capsys, monkeypatch):
+    seen = []
+
+    def record(out, settings, device, force):
+        seen.append(settings)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(pretrain, "ensure_pretrained", record)
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "pretrain",
+                "--out",
+                str(tmp_path),
+                "--model-arg",
+                "depth=4",
+                "--model-arg",
+                "img_size=64",
+            ]
+        )
+    assert seen[0].model_args == {"depth": 4, "img_size": 64}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        main(["pretrain", "--out", str(tmp_path), "--model-arg", "depth"])

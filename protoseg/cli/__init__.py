@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from protoseg.cli.common import add_command, add_overwrite_flag, guard_outputs
 
@@ -245,10 +246,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     chosen = {
         key: getattr(args, key)
-        for key in ("backbone", "num_images", "image_size", "epochs", "seed", "threads")
+        for key in ("backbone", "num_images", "image_size", "epochs", "lr", "seed", "threads")
         if getattr(args, key) is not None
     }
-    settings = PretrainSettings(**chosen)
+    model_args = _parse_model_args(args.model_arg or [])
+    settings = PretrainSettings(**chosen, model_args=model_args)
     result = ensure_pretrained(args.out, settings, args.device, force=args.force)
     state = "reused" if result.reused else f"trained in {result.seconds:.0f} s"
     print(
@@ -256,6 +258,19 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         f"train from it with: model.backbone={settings.backbone} model.pretrained={result.file}"
     )
     return 0
+
+
+def _parse_model_args(pairs: list[str]) -> dict[str, Any]:
+    """``pretrain --model-arg`` KEY=VALUE pairs, each value read as YAML (``8``, ``[1, 2]``)."""
+    import yaml
+
+    parsed: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--model-arg {pair!r}: write KEY=VALUE, e.g. --model-arg depth=6")
+        parsed[key.strip()] = yaml.safe_load(value)
+    return parsed
 
 
 # ---- parser ----------------------------------------------------------------------------------
@@ -451,12 +466,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=None, help="training images (12800)")
     p.add_argument("--image-size", type=int, default=None, help="pixels a side (32)")
     p.add_argument("--epochs", type=int, default=None, help="(6)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW's peak lr (0.003)")
     p.add_argument("--seed", type=int, default=None, help="draw of the set and init (0)")
     p.add_argument(
         "--threads",
         type=int,
         default=None,
         help="CPU threads (2); the weights depend on the count, not on the machine's cores",
+    )
+    p.add_argument(
+        "--model-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a timm.create_model argument of the backbone (repeatable), e.g. a ViT shrunk to "
+        "the crop: --model-arg patch_size=8 --model-arg depth=6; train with the same ones "
+        "in model.vit.encoder_args",
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--force", action="store_true", help="train again even if cached")

@@ -16,8 +16,9 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import timm
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
+from timm.models import is_model_in_modules, split_model_name_tag
 from torch import Tensor, nn
 
 from protoseg.config import IMAGENET_MEAN, IMAGENET_STD
@@ -61,9 +63,18 @@ class PretrainSettings:
     # the weights (and every result trained from them) depend on the count, not on the cores.
     # Fixed, the same settings give the same file on any machine (with the same CPU kernels).
     threads: int = 2
+    # More timm.create_model arguments of the backbone, e.g. a ViT shrunk to the benchmark
+    # (patch_size, embed_dim, depth, num_heads, img_size). Training must build its encoder
+    # with the same ones (model.vit.encoder_args) for the weights to fit.
+    model_args: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         """Refuse settings no run could use."""
+        own = sorted(set(self.model_args) & {"num_classes", "pretrained", "dynamic_img_size"})
+        if own:
+            raise ValueError(
+                f"model_args may not set {', '.join(own)}: the pretraining sets them itself"
+            )
         if min(self.num_images, self.num_val, self.epochs, self.batch_size, self.threads) < 1:
             raise ValueError("num_images, num_val, epochs, batch_size and threads must all be >= 1")
         if self.image_size < 16:
@@ -101,6 +112,22 @@ def cached_stamp(path: Path) -> dict | None:
         return json.loads(meta[METADATA_KEY])
     except (SafetensorError, OSError, KeyError, ValueError):
         return None
+
+
+def create_classifier(settings: PretrainSettings) -> nn.Module:
+    """The timm classifier of ``settings.backbone`` with ``settings.model_args``, random init.
+
+    A plain ViT (timm's vision_transformer / eva) is built with ``dynamic_img_size=True``:
+    its position embeddings stay on the grid of its ``img_size`` (the segmentation crop's,
+    which the segmentation encoder loads them at) and are resampled to the pretraining
+    images' smaller grid on each forward.
+    """
+    kwargs: dict[str, Any] = dict(settings.model_args)
+    if is_model_in_modules(
+        split_model_name_tag(settings.backbone)[0], ("vision_transformer", "eva")
+    ):
+        kwargs["dynamic_img_size"] = True
+    return timm.create_model(settings.backbone, num_classes=len(PRETRAIN_LABELS), **kwargs)
 
 
 def _augment(images: Tensor, generator: torch.Generator, pad: int = 6) -> Tensor:
@@ -169,7 +196,7 @@ def _pretrain(
     val_images, val_labels = render_pretrain_set(
         settings.num_val, settings.image_size, settings.seed, workers, first=settings.num_images
     )
-    model = timm.create_model(settings.backbone, num_classes=len(PRETRAIN_LABELS)).to(dev)
+    model = create_classifier(settings).to(dev)
     # foreach: the per-parameter loop's values bit for bit, with less Python per parameter.
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, foreach=True

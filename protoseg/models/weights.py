@@ -267,7 +267,9 @@ def load_state(
         )
 
     result = module.load_state_dict(mapped, strict=False)
-    children = {name for name, _ in module.named_children()}
+    # A classifier the trunk replaced by a parameterless module (timm's head at
+    # num_classes=0 is nn.Identity) is dropped as much as one it does not have.
+    children = {name for name, child in module.named_children() if child.state_dict()}
     missing = tuple(k for k in result.missing_keys if not k.endswith(_COUNTER_SUFFIX))
     unexpected = tuple(k for k in result.unexpected_keys if k.split(".")[0] in children)
     ignored = tuple(k for k in result.unexpected_keys if k.split(".")[0] not in children)
