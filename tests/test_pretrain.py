@@ -243,3 +243,11 @@ def test_pretrain_command_reads_model_args(tmp_path, capsys, monkeypatch):
     assert seen[0].model_args == {"depth": 4, "img_size": 64}
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         main(["pretrain", "--out", str(tmp_path), "--model-arg", "depth"])
+
+
+def test_settings_without_model_args_keep_their_earlier_stamp():
+    """Caches written before ``model_args`` existed stay valid: the field joins the stamp
+    (and the file name) only when it is set."""
+    assert "model_args" not in TINY.stamp()
+    assert "model_args" in dataclasses.replace(TINY, model_args={"depth": 2}).stamp()
+    assert PretrainSettings().file_name() == "resnet10t-synthetic-3846773da1.safetensors"

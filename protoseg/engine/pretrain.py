@@ -84,7 +84,12 @@ class PretrainSettings:
 
     def stamp(self) -> dict:
         """The settings and the set's version: what a cached file must match to be reused."""
-        return {"set_version": PRETRAIN_SET_VERSION, **asdict(self)}
+        stamp = {"set_version": PRETRAIN_SET_VERSION, **asdict(self)}
+        if not self.model_args:
+            # Settings without model arguments keep the stamp, and so the file name and the
+            # cache, they had before the field existed.
+            del stamp["model_args"]
+        return stamp
 
     def file_name(self) -> str:
         """``<backbone>-synthetic-<hash of the stamp>.safetensors``."""
