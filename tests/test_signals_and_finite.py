@@ -35,6 +35,16 @@ from protoseg.signals import deferred_interrupts, sigterm_as_interrupt
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_raises():
+    """Ctrl-C raises KeyboardInterrupt in these tests, as in a terminal: a process started in
+    the background by a shell without job control inherits SIGINT ignored, and Python then
+    leaves it ignored, so the signals these tests send would be lost."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 # ---- SIGTERM as Ctrl-C ------------------------------------------------------------------------
 def test_sigterm_raises_keyboard_interrupt_and_the_old_handler_comes_back() -> None:
     before = signal.getsignal(signal.SIGTERM)
